@@ -1,0 +1,27 @@
+"""Backdoor report: strongest-feature detector vs spectral signatures, against poison_truth."""
+
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
+                     MaterializeResult, MetadataValue, asset)
+
+from assets.common import experiments_partitions, metadata
+from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
+
+
+@asset(deps=["attribution_scores", "poison_truth", "checkpoints"], partitions_def=experiments_partitions,
+       group_name="backdoor", kinds={"numba", "parquet"},
+       check_specs=[AssetCheckSpec("detector_flagged_something", asset="backdoor_report",
+                                   description="The strongest-feature detector flagged at least one example.")],
+       code_version="1")
+def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsResource,
+                    store: ArtifactStoreResource, compute: ComputeResource):
+    from ops import backdoor
+
+    key = context.partition_key
+    s = store.get()
+    summary = backdoor.backdoor_report(experiments.load(key), s, key, compute.torch_device(), context.log.info)
+    table = s.load_table(key, backdoor.REPORT, "summary.parquet")
+    md = metadata(summary, {"path": s.path(key, backdoor.REPORT)})
+    md["summary"] = MetadataValue.md(table.drop(columns=["experiment"]).to_markdown(index=False))
+    yield MaterializeResult(metadata=md)
+    yield AssetCheckResult(check_name="detector_flagged_something", passed=summary["flagged"] > 0,
+                           severity=AssetCheckSeverity.WARN, metadata={"flagged": summary["flagged"]})

@@ -1,0 +1,21 @@
+"""What every stage shares: the experiments partition, and turning a stage summary into metadata."""
+
+from dagster import DynamicPartitionsDefinition, MetadataValue
+
+experiments_partitions = DynamicPartitionsDefinition(name="experiments")
+
+
+def metadata(summary: dict, paths: dict | None = None) -> dict:
+    """Scalars become metadata entries, nested values JSON, artifact paths clickable paths."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, (dict, list)):
+            out[k] = MetadataValue.json(v)
+        elif v is None:
+            out[k] = MetadataValue.text("n/a")
+        else:
+            out[k] = v.item() if hasattr(v, "item") else v   # numpy scalars -> Python
+    for k, p in (paths or {}).items():
+        out[k] = MetadataValue.path(str(p))
+    return out
+

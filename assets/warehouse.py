@@ -1,0 +1,30 @@
+"""The DuckDB warehouse: a table for every result, keyed by experiment."""
+
+from pathlib import Path
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster_duckdb import DuckDBResource
+
+from assets.common import experiments_partitions
+from resources import ArtifactStoreResource, ExperimentsResource
+
+
+@asset(deps=["training_set", "subset_masks", "checkpoints", "model_outputs", "attribution_scores",
+             "datamodel_weights", "lds_evaluation", "backdoor_report"],
+       partitions_def=experiments_partitions, group_name="warehouse", kinds={"duckdb"}, pool="duckdb",
+       code_version="1")
+def warehouse(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,
+              duckdb: DuckDBResource) -> MaterializeResult:
+    """Loads this experiment's rows into every warehouse table (docs/tables.md)."""
+    from ops.report import experiment_report
+    from ops.warehouse import load_experiment
+
+    key = context.partition_key
+    Path(duckdb.database).parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.get_connection() as conn:
+        counts = load_experiment(conn, store.get(), key, experiments.load(key))
+        report = experiment_report(conn, key)
+    context.log.info("\n" + report)
+    return MaterializeResult(metadata={"database": MetadataValue.path(duckdb.database),
+                                       "rows": MetadataValue.json(counts),
+                                       "report": MetadataValue.md(f"```\n{report}\n```")})

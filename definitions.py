@@ -1,0 +1,38 @@
+"""Assembles the Dagster code location: assets, checks, job, sensor and resources.
+
+Storage is chosen by environment, not code:
+  PROVENANCE_HOME         artifacts, warehouse and Dagster instance (default: <project>/.provenance)
+  PROVENANCE_EXPERIMENTS  folder of experiment specs (default: <project>/experiments)
+  PROVENANCE_DEVICE       auto | cpu | cuda[:i]   (default: auto)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import Definitions
+from dagster_duckdb import DuckDBResource
+
+from assets import ALL_ASSETS, experiment_specs_sensor, lineage_job
+from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
+
+PROJECT = Path(__file__).resolve().parent
+
+
+def home() -> Path:
+    return Path(os.environ.get("PROVENANCE_HOME", PROJECT / ".provenance")).resolve()
+
+
+def make_resources(home_dir: Path | None = None, experiments_dir: Path | None = None) -> dict:
+    h = Path(home_dir) if home_dir else home()
+    exp_dir = experiments_dir or Path(os.environ.get("PROVENANCE_EXPERIMENTS", PROJECT / "experiments"))
+    return {
+        "store": ArtifactStoreResource(root=str(h / "artifacts")),
+        "experiments": ExperimentsResource(directory=str(Path(exp_dir).resolve())),
+        "compute": ComputeResource(device=os.environ.get("PROVENANCE_DEVICE", "auto")),
+        "duckdb": DuckDBResource(database=str(h / "warehouse.duckdb")),
+    }
+
+
+defs = Definitions(assets=ALL_ASSETS, jobs=[lineage_job], sensors=[experiment_specs_sensor],
+                   resources=make_resources())

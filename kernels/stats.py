@@ -1,0 +1,51 @@
+"""Linear datamodeling score and detection metrics."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata, spearmanr
+
+
+def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rho between a[:, t] and b[:, t] for every column t, vectorized (ties averaged)."""
+    ra = rankdata(a, axis=0)
+    rb = rankdata(b, axis=0)
+    ra -= ra.mean(0)
+    rb -= rb.mean(0)
+    den = np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(0) / den
+    return np.where(den > 0, rho, np.nan)
+
+
+def spearman_columns_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([spearmanr(a[:, t], b[:, t]).statistic for t in range(a.shape[1])])
+
+
+def lds(pred: np.ndarray, actual: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """LDS = mean over targets of Spearman(prediction, actual margin) across held-out models.
+
+    pred, actual: (held-out models x targets).  Returns (mean, 95% half-width, per-target rho).
+    Targets whose prediction is constant across models (rho undefined) count as 0.
+    """
+    rho = np.nan_to_num(spearman_columns(pred, actual), nan=0.0)
+    half = 1.96 * rho.std(ddof=1) / np.sqrt(len(rho)) if len(rho) > 1 else float("nan")
+    return float(rho.mean()), float(half), rho
+
+
+def detection_metrics(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> dict:
+    """Precision/recall of the flagged set, recall within the top |poisoned|, AUROC."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.asarray(truth, bool)
+    flagged = np.asarray(flagged, bool)
+    p = int(truth.sum())
+    tp = int((flagged & truth).sum())
+    top = np.argsort(-scores, kind="stable")[:p]
+    return {
+        "n_poisoned": p,
+        "n_flagged": int(flagged.sum()),
+        "precision": tp / int(flagged.sum()) if flagged.any() else float("nan"),
+        "recall": tp / p if p else float("nan"),
+        "recall_at_budget": float(truth[top].mean()) if p else float("nan"),
+        "auroc": float(roc_auc_score(truth, scores)) if 0 < p < len(truth) else float("nan"),
+    }

@@ -1,0 +1,159 @@
+"""TRAK: per-example gradients of the margin, random projection, and the score estimator.
+
+    phi_m(z)  = P_m^T grad_theta f(z; theta_m)                    (projected gradient, k dims)
+    Phi_m     = [phi_m(x_1); ...; phi_m(x_n)]                      (n x k, training examples)
+    Q_m       = diag(1 - p_m(y_i | x_i))                            (out-to-loss term)
+    tau(z)    = (1/M sum_m Q_m) (1/M sum_m Phi_m (Phi_m^T Phi_m + lam I)^{-1} phi_m(z))
+
+(shared/reference/trak.md §1-2.)  Each function has a plain reference version used by the
+tests.  The kernel inverse is always computed in float64: fp16/fp32 XᵀX is too ill-conditioned
+at these sizes (reference notes, "measured pitfalls").
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from kernels.models import margin
+
+# ---------------------------------------------------------------- per-example gradients
+
+
+def _flat_params(params: dict[str, torch.Tensor]) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+def per_example_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                      y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Gradient of the margin w.r.t. all parameters for every example: [N, P] (vmap, fast)."""
+    base = copy.deepcopy(model).to("meta")
+
+    def f(p, xi, yi):
+        return margin(functional_call(base, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).squeeze(0)
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))
+    out = []
+    for i in range(0, len(x), chunk):
+        gi = g(params, x[i:i + chunk], y[i:i + chunk])
+        out.append(torch.cat([gi[k].flatten(1) for k in params], dim=1))
+    return torch.cat(out)
+
+
+def per_example_grads_reference(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                                y: torch.Tensor) -> torch.Tensor:
+    """Same as per_example_grads, one autograd backward per example."""
+    m = copy.deepcopy(model)
+    m.load_state_dict({k: v.clone() for k, v in params.items()})
+    rows = []
+    for xi, yi in zip(x, y):
+        m.zero_grad()
+        margin(m(xi.unsqueeze(0)), yi.unsqueeze(0)).sum().backward()
+        rows.append(torch.cat([dict(m.named_parameters())[k].grad.flatten() for k in params]))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def out_to_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+    """Q term: 1 - softmax(logits)[y] per example."""
+    base = copy.deepcopy(model).to("meta")
+    logits = functional_call(base, params, (x,))
+    return 1.0 - torch.softmax(logits, -1).gather(1, y.unsqueeze(1)).squeeze(1)
+
+
+# ---------------------------------------------------------------- random projection
+
+
+def _projection_block(rows: int, k: int, seed: int, block: int, device) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + block)
+    signs = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8)
+    return (signs.to(device=device, dtype=torch.float32) * 2 - 1) / np.sqrt(k)
+
+
+def project(grads: torch.Tensor, k: int, seed: int, block_rows: int = 8192) -> torch.Tensor:
+    """grads [N, P] @ P [P, k] with Rademacher entries ±1/sqrt(k), generated block by block
+    (block b of rows seeded by (seed, b)), so the P x k matrix never exists in memory."""
+    n, p = grads.shape
+    out = torch.zeros(n, k, dtype=torch.float32, device=grads.device)
+    for b, start in enumerate(range(0, p, block_rows)):
+        stop = min(p, start + block_rows)
+        out += grads[:, start:stop].float() @ _projection_block(stop - start, k, seed, b, grads.device)
+    return out
+
+
+def projection_matrix_reference(p: int, k: int, seed: int, block_rows: int = 8192) -> torch.Tensor:
+    """The whole P x k matrix that ``project`` applies (for tests and small models)."""
+    return torch.cat([_projection_block(min(p, s + block_rows) - s, k, seed, b, "cpu")
+                      for b, s in enumerate(range(0, p, block_rows))])
+
+
+# ---------------------------------------------------------------- scores
+
+
+def kernel_inverse(phi: np.ndarray, lam_rel: float) -> np.ndarray:
+    """(ΦᵀΦ + λI)^{-1} in float64, with λ = lam_rel * mean eigenvalue of ΦᵀΦ."""
+    phi64 = np.asarray(phi, dtype=np.float64)
+    xtx = phi64.T @ phi64
+    k = xtx.shape[0]
+    lam = lam_rel * np.trace(xtx) / k
+    return np.linalg.solve(xtx + lam * np.eye(k), np.eye(k))
+
+
+class TrakAccumulator:
+    """Streams checkpoints in: add(Phi_m, targets_m, Q_m) per model, then scores().
+
+    Memory is O(n * T) for the running score sum, whatever the number of models.
+    """
+
+    def __init__(self, lam_rel: float):
+        self.lam_rel = lam_rel
+        self.sum_scores: np.ndarray | None = None
+        self.sum_q: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, phi_train: np.ndarray, phi_targets: np.ndarray, q: np.ndarray) -> None:
+        kinv = kernel_inverse(phi_train, self.lam_rel)
+        feats = np.asarray(phi_train, np.float64) @ kinv              # n x k
+        s = feats @ np.asarray(phi_targets, np.float64).T             # n x T
+        if self.sum_scores is None:
+            self.sum_scores = np.zeros_like(s)
+            self.sum_q = np.zeros(len(q), np.float64)
+        self.sum_scores += s
+        self.sum_q += np.asarray(q, np.float64)
+        self.count += 1
+
+    def scores(self) -> np.ndarray:
+        """τ as a (targets x train) float32 matrix."""
+        if not self.count:
+            raise ValueError("no checkpoint was added")
+        tau = (self.sum_scores / self.count) * (self.sum_q / self.count)[:, None]
+        return np.ascontiguousarray(tau.T, dtype=np.float32)
+
+
+def trak_scores_reference(phis: list[np.ndarray], targets: list[np.ndarray], qs: list[np.ndarray],
+                          lam_rel: float) -> np.ndarray:
+    """The estimator written out literally with an explicit inverse (targets x train)."""
+    m = len(phis)
+    q_mean = sum(np.asarray(q, np.float64) for q in qs) / m
+    total = 0
+    for phi, tgt in zip(phis, targets):
+        phi = np.asarray(phi, np.float64)
+        xtx = phi.T @ phi
+        lam = lam_rel * np.trace(xtx) / xtx.shape[0]
+        total = total + phi @ np.linalg.inv(xtx + lam * np.eye(xtx.shape[0])) @ np.asarray(tgt, np.float64).T
+    return ((total / m) * q_mean[:, None]).T.astype(np.float32)
+
+
+def featurize(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+              k: int, seed: int, chunk: int = 1024) -> torch.Tensor:
+    """Projected margin gradients [N, k], computed chunk by chunk (never holds N x P)."""
+    return torch.cat([project(per_example_grads(model, params, x[i:i + chunk], y[i:i + chunk]), k, seed)
+                      for i in range(0, len(x), chunk)])
+
+
+GradFn = Callable[[nn.Module, dict, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,0 +1,147 @@
+"""TRAK features and scores, datamodels, and the linear datamodeling score."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kernels.lasso import fit_datamodels
+from kernels.stats import lds
+from kernels.trak import TrakAccumulator, featurize, out_to_loss
+from kernels.train import unstack
+from ops.data import MASKS
+from ops.spec import Spec
+from ops.store import ArtifactStore
+from ops.training import Data, load_models
+
+FEAT, SCORES, DM, LDS = "gradient_features", "attribution_scores", "datamodel_weights", "lds_evaluation"
+Log = Callable[[str], None]
+
+
+def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
+    """Projected margin gradients of train and test examples, and Q, for the first M checkpoints."""
+    make_model, params, meta = load_models(spec, store, exp)
+    import json
+
+    data = Data(store, exp, device, norm=json.loads(meta["norm"]))
+    model = make_model().to(device)
+    m, k = spec.trak.num_models, spec.trak.proj_dim
+    n, t = len(data.y), len(data.yt)
+    train = np.zeros((m, n, k), np.float32)
+    test = np.zeros((m, t, k), np.float32)
+    q = np.zeros((m, n), np.float32)
+    t0 = time.perf_counter()
+    for i in range(m):
+        p = {kk: v.to(device) for kk, v in unstack(params, i).items()}
+        seed = spec.seed * 100_003 + i
+        train[i] = featurize(model, p, data.x, data.y, k, seed).cpu().numpy()
+        test[i] = featurize(model, p, data.xt, data.yt, k, seed).cpu().numpy()
+        q[i] = out_to_loss(model, p, data.x, data.y).cpu().numpy()
+        if (i + 1) % max(1, m // 8) == 0 or i + 1 == m:
+            log(f"featurized {i + 1}/{m} checkpoints ({time.perf_counter() - t0:.1f}s)")
+    store.save_npy(exp, FEAT, "train.npy", train)
+    store.save_npy(exp, FEAT, "test.npy", test)
+    store.save_npy(exp, FEAT, "out_to_loss.npy", q)
+    finite = bool(np.isfinite(train).all() and np.isfinite(test).all() and np.isfinite(q).all())
+    n_params = sum(v[0].numel() for v in params.values())
+    return {"checkpoints": m, "proj_dim": k, "train_examples": n, "test_examples": t,
+            "parameters": n_params, "finite": finite, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _top_k(scores: np.ndarray, k: int, exp: str, method: str, target_ids, train_ids) -> pd.DataFrame:
+    """Top-k most supporting training examples per target (scores: targets x train)."""
+    k = min(k, scores.shape[1])
+    idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, idx, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+    t = scores.shape[0]
+    target_index = np.repeat(np.arange(t), k)
+    return pd.DataFrame({"experiment": exp, "method": method, "target_index": target_index,
+                         "target_id": np.asarray(target_ids)[target_index], "rank": np.tile(np.arange(1, k + 1), t),
+                         "train_index": idx.ravel(), "train_id": np.asarray(train_ids)[idx.ravel()],
+                         "score": vals.ravel().astype(np.float64)})
+
+
+def attribution_scores(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
+    train = store.load_npy(exp, FEAT, "train.npy")
+    test = store.load_npy(exp, FEAT, "test.npy")
+    q = store.load_npy(exp, FEAT, "out_to_loss.npy")
+    acc_test, acc_train = TrakAccumulator(spec.trak.lam), TrakAccumulator(spec.trak.lam)
+    for i in range(len(train)):
+        acc_test.add(train[i], test[i], q[i])
+        acc_train.add(train[i], train[i], q[i])
+    scores_test, scores_train = acc_test.scores(), acc_train.scores()
+    store.save_npy(exp, SCORES, "test_x_train.npy", scores_test)
+    store.save_npy(exp, SCORES, "train_x_train.npy", scores_train)
+    store.save_npy(exp, SCORES, "q_mean.npy", np.asarray(q, np.float64).mean(0))
+    meta = store.load_json(exp, "training_set", "meta.json")
+    store.save_table(exp, SCORES, "top_attributions.parquet",
+                     _top_k(scores_test, spec.trak.top_k, exp, "trak", meta["test_ids"], meta["train_ids"]))
+    finite = bool(np.isfinite(scores_test).all() and np.isfinite(scores_train).all())
+    return {"targets": scores_test.shape[0], "train": scores_test.shape[1], "checkpoints": len(train),
+            "finite": finite, "lambda_rel": spec.trak.lam}
+
+
+def _roles(store: ArtifactStore, exp: str):
+    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
+    roles = store.load_table(exp, MASKS, "masks.parquet")["role"].to_numpy()
+    margins = np.asarray(store.load_npy(exp, "model_outputs", "margins_test.npy"))[: len(masks)]
+    return masks, roles, margins
+
+
+def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
+    masks, roles, margins = _roles(store, exp)
+    tr = np.flatnonzero(roles == "train")
+    rng = np.random.default_rng([spec.seed, 23])
+    perm = rng.permutation(tr)
+    n_val = max(1, int(round(spec.datamodels.val_fraction * len(tr))))
+    val, fit = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    t0 = time.perf_counter()
+    res = fit_datamodels(masks[fit], margins[fit], masks[val], margins[val],
+                         n_lambdas=spec.datamodels.n_lambdas, eps=spec.datamodels.eps,
+                         max_iter=spec.datamodels.max_iter,
+                         on_step=lambda i, k: log(f"datamodels: lambda {i + 1}/{k} "
+                                                  f"({time.perf_counter() - t0:.1f}s)"))
+    store.save_npy(exp, DM, "weight.npy", res.weight)      # train x targets
+    store.save_npy(exp, DM, "bias.npy", res.bias)
+    store.save_npy(exp, DM, "lambda.npy", res.lam)
+    meta = store.load_json(exp, "training_set", "meta.json")
+    w = res.weight
+    nz_train, nz_target = np.nonzero(w)
+    store.save_table(exp, DM, "weights.parquet", pd.DataFrame({
+        "experiment": exp, "target_index": nz_target, "target_id": np.asarray(meta["test_ids"])[nz_target],
+        "train_index": nz_train, "train_id": np.asarray(meta["train_ids"])[nz_train],
+        "weight": w[nz_train, nz_target].astype(np.float64)}))
+    store.save_table(exp, DM, "top_attributions.parquet",
+                     _top_k(np.ascontiguousarray(w.T), spec.trak.top_k, exp, "datamodels",
+                            meta["test_ids"], meta["train_ids"]))
+    nnz = (w != 0).sum(0)
+    return {"fit_models": len(fit), "val_models": len(val), "targets": w.shape[1],
+            "mean_nonzero": float(nnz.mean()), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
+    masks, roles, margins = _roles(store, exp)
+    held = np.flatnonzero(roles == "heldout")
+    x = masks[held].astype(np.float64)
+    actual = margins[held]
+    tau = np.asarray(store.load_npy(exp, SCORES, "test_x_train.npy"), np.float64)
+    w = np.asarray(store.load_npy(exp, DM, "weight.npy"), np.float64)
+    b = np.asarray(store.load_npy(exp, DM, "bias.npy"), np.float64)
+    preds = {"trak": x @ tau.T, "datamodels": x @ w + b}
+    rows, per_target = [], []
+    for method, pred in preds.items():
+        value, half, rho = lds(pred, actual)
+        rows.append({"experiment": exp, "method": method, "lds": value, "ci95_low": value - half,
+                     "ci95_high": value + half, "n_heldout": len(held), "n_targets": actual.shape[1]})
+        per_target.append(pd.DataFrame({"experiment": exp, "method": method,
+                                        "target_index": np.arange(len(rho)), "spearman": rho}))
+        log(f"LDS {method}: {value:.3f} ± {half:.3f} over {actual.shape[1]} targets, {len(held)} held-out models")
+    table = pd.DataFrame(rows)
+    store.save_table(exp, LDS, "lds.parquet", table)
+    store.save_table(exp, LDS, "lds_per_target.parquet", pd.concat(per_target, ignore_index=True))
+    return {"n_heldout": len(held), **{f"lds_{r['method']}": round(r["lds"], 4) for r in rows}}

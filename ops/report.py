@@ -1,0 +1,40 @@
+"""The short text report of one experiment, read back from the warehouse with SQL."""
+from __future__ import annotations
+
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def experiment_report(conn, exp: str) -> str:
+    q = lambda sql: conn.execute(sql, [exp]).fetchall()  # noqa: E731
+    if not q("SELECT 1 FROM experiments WHERE experiment = ?"):
+        raise KeyError(f"experiment {exp!r} is not in the warehouse")
+    models = dict(q("SELECT role, count(*) FROM models WHERE experiment = ? GROUP BY role"))
+    full = q("SELECT accuracy, attack_success_rate FROM models WHERE experiment = ? AND role = 'full'")
+    sub = q("SELECT avg(accuracy), avg(attack_success_rate) FROM models WHERE experiment = ? "
+            "AND role IN ('train', 'heldout')")[0]
+    poisoned = q("SELECT count(*) FILTER (WHERE poisoned), count(*) FILTER (WHERE poisoned IS NULL), count(*) "
+                 "FROM examples WHERE experiment = ? AND split = 'train'")[0]
+    lines = [f"provenance report: experiment {exp}",
+             f"  models trained        {sum(models.values())} ({models.get('train', 0)} for attribution, "
+             f"{models.get('heldout', 0)} held out for LDS, {models.get('full', 0)} on all data)",
+             f"  training examples     {poisoned[2]} ("
+             + ("poison truth unknown" if poisoned[1] else f"{poisoned[0]} poisoned") + ")"]
+    if full:
+        lines.append(f"  clean test accuracy   {_fmt(full[0][0])} (model on all data; "
+                     f"mean over subset models {_fmt(sub[0])})")
+        lines.append(f"  attack success rate   {_fmt(full[0][1])} (subset models {_fmt(sub[1])})")
+    for method, value, lo, hi, nh in q("SELECT method, lds, ci95_low, ci95_high, n_heldout FROM lds "
+                                       "WHERE experiment = ? ORDER BY method DESC"):
+        lines.append(f"  LDS {method:<18}{_fmt(value)}  [95% CI {_fmt(lo)}, {_fmt(hi)}; {nh} held-out models]")
+    for row in q("SELECT method, n_flagged, precision, recall, recall_at_budget, auroc, retrain_accuracy, "
+                 "retrain_attack_success_rate FROM backdoor_summary WHERE experiment = ? ORDER BY method DESC"):
+        method, nf, p, r, rb, auc, racc, rasr = row
+        lines.append(f"  detector {method:<20} flagged {nf}, precision {_fmt(p)}, recall {_fmt(r)}, "
+                     f"recall@|poisoned| {_fmt(rb)}, AUROC {_fmt(auc)}")
+        if racc is not None:
+            lines.append(f"    retrained without flagged: accuracy {_fmt(racc)}, attack success {_fmt(rasr)}")
+    return "\n".join(lines)

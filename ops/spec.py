@@ -1,0 +1,242 @@
+"""Experiment specs: one YAML file per experiment, validated before anything is written.
+
+Every section refuses unknown keys; wrong types and impossible values are reported with the
+dotted key that holds them (``subsets.alpha: must be in (0, 1), got 1.5``).  Checks that need
+the data (a poison count larger than the class it draws from, a dataset that is not there)
+run in ``validate_against_data``, which reads only labels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A spec was refused; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Section):
+    source: Literal["digits", "fashion_mnist", "cifar10", "image_folder", "parquet"] = "digits"
+    path: Optional[str] = None          # IDX folder, image folder, Parquet file, torchvision root
+    test_path: Optional[str] = None     # image folder or Parquet table of the test split
+    download: bool = False              # let torchvision download fashion_mnist / cifar10
+    test_fraction: float = Field(0.2, gt=0, lt=1)   # when the source has no test split
+    limit_train: Optional[int] = Field(None, gt=0)
+    limit_test: Optional[int] = Field(None, gt=0)
+    image_size: Optional[int] = Field(None, gt=0)   # resize image_folder/parquet images (square)
+    channels: Literal[1, 3] = 3                     # for image_folder/parquet
+    image_column: str = "image"
+    label_column: str = "label"
+
+    @model_validator(mode="after")
+    def _paths(self):
+        if self.source in ("image_folder", "parquet") and not self.path:
+            raise ValueError(f"path: required for source {self.source!r}")
+        return self
+
+
+class AttackSpec(_Section):
+    kind: Literal["none", "badnets", "blend"] = "none"
+    target_class: int = Field(0, ge=0)
+    source_class: Optional[int] = Field(None, ge=0)   # None: any class but the target
+    poison_count: int = Field(0, ge=0)
+    patch_size: int = Field(2, gt=0)
+    patch_value: int = Field(255, ge=0, le=255)
+    blend_alpha: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kind != "none" and self.poison_count == 0:
+            raise ValueError("poison_count: must be > 0 for an attack")
+        if self.source_class is not None and self.source_class == self.target_class:
+            raise ValueError("source_class: must differ from target_class")
+        return self
+
+
+class ModelSpec(_Section):
+    arch: Literal["logreg", "mlp", "small_cnn"] = "mlp"
+    hidden: int = Field(64, gt=0)
+
+
+class TrainingSpec(_Section):
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["triangular", "cosine", "constant"] = "triangular"
+    models_per_batch: int = Field(128, gt=0)
+
+
+class SubsetsSpec(_Section):
+    alpha: float = 0.5
+    num_models: int = Field(128, ge=2)
+    num_heldout: int = Field(64, ge=2)
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v):
+        if not 0 < v < 1:
+            raise ValueError(f"must be in (0, 1), got {v}")
+        return v
+
+
+class TrakSpec(_Section):
+    num_models: int = Field(32, gt=0)
+    proj_dim: int = Field(256, gt=0)
+    lam: float = Field(1e-2, ge=0)      # ridge, relative to the mean eigenvalue of ΦᵀΦ
+    top_k: int = Field(20, gt=0)        # attributions kept per target in the warehouse
+
+
+class DatamodelsSpec(_Section):
+    n_lambdas: int = Field(16, gt=1)
+    eps: float = Field(1e-2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_iter: int = Field(300, gt=0)
+
+
+class LdsSpec(_Section):
+    min_heldout: int = Field(30, gt=1)   # fewer held-out models fails the LDS check
+
+
+class DetectorSpec(_Section):
+    sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
+    restarts: int = Field(20, gt=0)
+    swaps: int = Field(100, gt=0)
+    max_passes: int = Field(50, gt=0)
+    flag_count: Optional[int] = Field(None, gt=0)   # None: flag the group that stands out
+    min_separation: float = Field(6.0, gt=0)
+    retrain: bool = True                 # retrain without the flagged set and report ASR
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if v is not None and (not v or any(k <= 0 for k in v)):
+            raise ValueError("must be a non-empty list of positive sizes")
+        return v
+
+
+class Spec(_Section):
+    name: str
+    description: str = ""
+    seed: int = 0
+    dataset: DatasetSpec = DatasetSpec()
+    attack: AttackSpec = AttackSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    subsets: SubsetsSpec = SubsetsSpec()
+    trak: TrakSpec = TrakSpec()
+    datamodels: DatamodelsSpec = DatamodelsSpec()
+    lds: LdsSpec = LdsSpec()
+    detector: DetectorSpec = DetectorSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not NAME_RE.match(v):
+            raise ValueError(f"must be 1-64 letters, digits, '_', '-', '.', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.trak.num_models > self.subsets.num_models:
+            raise ValueError(f"trak.num_models: {self.trak.num_models} exceeds subsets.num_models "
+                             f"({self.subsets.num_models})")
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(where: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            # model-level errors carry their own key as "key: message"
+            if ": " in msg and not key:
+                key, msg = msg.split(": ", 1)
+            elif ": " in msg and msg.split(": ", 1)[0].replace("_", "").isalnum():
+                sub, msg = msg.split(": ", 1)
+                key = f"{key}.{sub}" if key else sub
+        if e["type"] not in ("extra_forbidden", "value_error") and "input" in e:
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{where}: {key or '<spec>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict, where: str = "<spec>") -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: the spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(where, e)) from None
+
+
+def load_spec_file(path: str | Path) -> Spec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+        if data["name"] != path.stem:
+            raise SpecError(f"{path}: name: {data['name']!r} must match the file name {path.stem!r}")
+    return parse_spec(data, str(path))
+
+
+def validate_against_data(spec: Spec, where: str = "<spec>") -> dict[int, int]:
+    """Checks that need the data's labels. Returns the training label counts."""
+    from ops.sources import SourceError, train_label_counts
+
+    try:
+        counts = train_label_counts(spec.dataset, spec.seed)
+    except SourceError as e:
+        raise SpecError(f"{where}: {e}") from None
+    a = spec.attack
+    if a.kind != "none":
+        classes = sorted(counts)
+        if a.target_class not in counts:
+            raise SpecError(f"{where}: attack.target_class: class {a.target_class} does not exist "
+                            f"(classes: {classes})")
+        if a.source_class is not None:
+            if a.source_class not in counts:
+                raise SpecError(f"{where}: attack.source_class: class {a.source_class} does not exist "
+                                f"(classes: {classes})")
+            avail, what = counts[a.source_class], f"source class {a.source_class}"
+        else:
+            avail, what = sum(v for c, v in counts.items() if c != a.target_class), \
+                f"the classes other than {a.target_class}"
+        if a.poison_count > avail:
+            raise SpecError(f"{where}: attack.poison_count: {a.poison_count} poisoned examples requested "
+                            f"but {what} has only {avail} training examples")
+    n = sum(counts.values())
+    n_sub = round(spec.subsets.alpha * n)
+    if n_sub < 1 or n_sub >= n:
+        raise SpecError(f"{where}: subsets.alpha: {spec.subsets.alpha} of {n} examples leaves an empty "
+                        f"or full subset")
+    if spec.detector.flag_count is not None and spec.detector.flag_count >= n:
+        raise SpecError(f"{where}: detector.flag_count: {spec.detector.flag_count} is not below the "
+                        f"{n} training examples")
+    return counts
