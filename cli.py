@@ -75,7 +75,7 @@ def cmd_run(args) -> int:
         print(f"run {result.run_id} failed after {elapsed:.0f}s; see the log above or the Dagster UI",
               file=sys.stderr)
         return 1
-    failed = [e.asset_check_evaluation_data.check_name for e in result.get_asset_check_evaluations()
+    failed = [e.check_name for e in result.get_asset_check_evaluations()
               if not e.passed]
     print()
     print(_report(home, spec.name))

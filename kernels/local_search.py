@@ -193,8 +193,9 @@ def auto_flag(scores: np.ndarray, min_separation: float = 6.0) -> np.ndarray:
     """Flag the upper group of a two-group split of the scores, if it stands out.
 
     The split point maximizes the between-group variance (Otsu on sorted scores).  The upper
-    group is flagged only when its smallest score is more than ``min_separation`` robust
-    standard deviations (1.4826 MAD) above the median; otherwise nothing is flagged.
+    group is flagged only when it is the smaller one and its median lies more than
+    ``min_separation`` robust standard deviations (1.4826 MAD) above the overall median;
+    otherwise nothing is flagged.
     """
     s = np.asarray(scores, np.float64)
     n = len(s)
@@ -212,6 +213,6 @@ def auto_flag(scores: np.ndarray, min_separation: float = 6.0) -> np.ndarray:
     med = np.median(s)
     mad = 1.4826 * np.median(np.abs(s - med)) + 1e-12
     flags = np.zeros(n, bool)
-    if (ss[split] - med) / mad > min_separation:
+    if n - split < split and (np.median(ss[split:]) - med) / mad > min_separation:
         flags[order[split:]] = True
     return flags

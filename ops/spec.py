@@ -114,7 +114,7 @@ class LdsSpec(_Section):
 
 class DetectorSpec(_Section):
     sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
-    restarts: int = Field(20, gt=0)
+    restarts: int = Field(200, gt=0)
     swaps: int = Field(100, gt=0)
     max_passes: int = Field(50, gt=0)
     flag_count: Optional[int] = Field(None, gt=0)   # None: flag the group that stands out

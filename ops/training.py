@@ -51,8 +51,8 @@ class Data:
 
         def load(split):
             f = files[split]
-            x = torch.from_numpy(np.asarray(f.array("image")))
-            y = torch.from_numpy(np.asarray(f.array("label")))
+            x = torch.from_numpy(np.array(f.array("image")))    # copies out of the memory map
+            y = torch.from_numpy(np.array(f.array("label")))
             return to_model_input(x, mean, std).to(device), y.to(device)
 
         self.x, self.y = load("train")

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from dagster import AssetKey, Definitions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_definitions_load_with_the_whole_lineage():
+    from definitions import defs
+
+    Definitions.validate_loadable(defs)
+    keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    assert keys == {"raw_dataset", "training_set", "poison_truth", "loader_files", "subset_masks", "checkpoints",
+                    "model_outputs", "gradient_features", "attribution_scores", "datamodel_weights",
+                    "lds_evaluation", "backdoor_report", "warehouse"}
+    job = defs.resolve_job_def("lineage_job")
+    assert job.partitions_def is not None and job.partitions_def.name == "experiments"
+    graph = defs.resolve_asset_graph()
+    assert AssetKey("gradient_features") in graph.get(AssetKey("attribution_scores")).parent_keys
+
+
+def test_definitions_import_neither_torch_nor_numba():
+    code = "import sys, definitions; print('torch' in sys.modules, 'numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_kernels_know_nothing_of_dagster():
+    for p in (ROOT / "kernels").glob("*.py"):
+        text = p.read_text()
+        assert "import dagster" not in text and "from dagster" not in text, p
+    for p in (ROOT / "ops").glob("*.py"):
+        text = p.read_text()
+        assert "from assets" not in text and "import dagster" not in text and "from dagster" not in text, p

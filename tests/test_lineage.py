@@ -1,0 +1,152 @@
+"""End to end: materialize the whole lineage for tiny specs and check the warehouse."""
+import io
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from dagster import materialize
+
+from assets import ALL_ASSETS
+from definitions import make_resources
+
+TINY = {
+    "seed": 1,
+    "dataset": {"source": "digits", "limit_train": 300, "limit_test": 60},
+    "attack": {"kind": "badnets", "target_class": 0, "poison_count": 20, "patch_size": 3},
+    "model": {"arch": "mlp", "hidden": 32},
+    "training": {"epochs": 10, "batch_size": 32},
+    "subsets": {"num_models": 24, "num_heldout": 8},
+    "trak": {"num_models": 4, "proj_dim": 32, "top_k": 5},
+    "datamodels": {"n_lambdas": 4, "max_iter": 50},
+    "detector": {"restarts": 16},
+    "lds": {"min_heldout": 5},
+}
+
+
+def run(tmp_path, name, spec, home="home"):
+    from dagster import instance_for_test
+
+    exp_dir = tmp_path / "experiments"
+    exp_dir.mkdir(exist_ok=True)
+    (exp_dir / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("experiments", [name])
+        result = materialize(ALL_ASSETS, partition_key=name, instance=instance, raise_on_error=False,
+                             resources=make_resources(tmp_path / home, exp_dir))
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    return result, checks, tmp_path / home
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lineage")
+    result, checks, home = run(tmp, "tiny", TINY)
+    assert result.success
+    return tmp, checks, home
+
+
+def q(home, sql):
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_warehouse_holds_every_stage(tiny):
+    _, checks, home = tiny
+    assert q(home, "SELECT split, count(*), count(*) FILTER (WHERE poisoned) FROM examples "
+                   "WHERE experiment = 'tiny' GROUP BY split ORDER BY split") == [
+        ("test", 60, 0), ("test_triggered", q(home, "SELECT count(*) FROM examples WHERE split = 'test' "
+                                                   "AND label <> 0")[0][0], q(home, "SELECT count(*) FROM "
+                                                   "examples WHERE split = 'test' AND label <> 0")[0][0]),
+        ("train", 300, 20)]
+    # poisons carry the target label and remember their original one
+    assert q(home, "SELECT count(*) FROM examples WHERE poisoned AND split = 'train' "
+                   "AND (label <> 0 OR original_label = 0)") == [(0,)]
+    roles = dict(q(home, "SELECT role, count(*) FROM models GROUP BY role"))
+    assert roles == {"train": 24, "heldout": 8, "full": 1}
+    assert q(home, "SELECT min(accuracy) > 0.3 FROM models") == [(True,)]
+    assert q(home, "SELECT attack_success_rate > 0.5 FROM models WHERE role = 'full'") == [(True,)]
+    assert q(home, "SELECT count(*) FROM subset_masks") == [(32,)]
+    assert q(home, "SELECT count(*) FROM model_outputs") == [(33 * 60,)]
+    # top-5 attributions per target and method, ranks 1..5, scores non-increasing
+    assert q(home, "SELECT method, count(DISTINCT target_index), count(*) FROM attributions "
+                   "GROUP BY method ORDER BY method") == [("datamodels", 60, 300), ("trak", 60, 300)]
+    assert q(home, "SELECT count(*) FROM (SELECT target_index, method, score, "
+                   "lag(score) OVER (PARTITION BY method, target_index ORDER BY rank) AS prev "
+                   "FROM attributions) WHERE prev < score") == [(0,)]
+    assert q(home, "SELECT count(*) > 0, bool_and(weight <> 0) FROM datamodel_weights") == [(True, True)]
+    lds = dict(q(home, "SELECT method, lds FROM lds"))
+    assert set(lds) == {"trak", "datamodels"} and lds["trak"] > 0.1
+    assert q(home, "SELECT DISTINCT n_heldout FROM lds") == [(8,)]
+    assert q(home, "SELECT method, count(*) FROM backdoor_scores GROUP BY method ORDER BY method") == [
+        ("spectral_signatures", 300), ("strongest_feature", 300)]
+    sf = q(home, "SELECT auroc, n_poisoned FROM backdoor_summary WHERE method = 'strongest_feature'")[0]
+    assert sf[0] > 0.8 and sf[1] == 20
+    assert checks == {"models_above_chance": True, "features_finite": True, "scores_finite": True,
+                      "enough_heldout_models": True, "detector_flagged_something": checks["detector_flagged_something"]}
+
+
+def test_readme_queries_answer(tiny):
+    _, _, home = tiny
+    top = q(home, """SELECT rank, train_id, score FROM attributions
+                     WHERE experiment = 'tiny' AND method = 'trak' AND target_index = 42
+                     ORDER BY rank LIMIT 10""")
+    assert [r[0] for r in top] == [1, 2, 3, 4, 5]
+    hits = q(home, """SELECT count(*) FILTER (WHERE flagged AND poisoned), count(*) FILTER (WHERE flagged)
+                      FROM backdoor_scores WHERE experiment = 'tiny' AND method = 'strongest_feature'""")[0]
+    assert hits[0] <= hits[1]
+
+
+def test_same_spec_same_artifacts(tiny):
+    tmp, _, home = tiny
+    result, _, home2 = run(tmp, "tiny", TINY, home="home2")
+    assert result.success
+    a, b = home / "artifacts" / "tiny", home2 / "artifacts" / "tiny"
+    for rel in ("subset_masks/masks.npy", "training_set/train_images.npy", "attribution_scores/test_x_train.npy",
+                "datamodel_weights/weight.npy", "model_outputs/margins_test.npy"):
+        np.testing.assert_allclose(np.load(a / rel), np.load(b / rel), rtol=1e-6, atol=1e-7, err_msg=rel)
+    from safetensors.numpy import load_file
+
+    ta, tb = load_file(a / "checkpoints" / "models.safetensors"), load_file(b / "checkpoints" / "models.safetensors")
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+
+def _png(v):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), v, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_users_own_data_without_truth(tmp_path):
+    """A Parquet table with no poison truth and no attack: the lineage runs, the detector still
+    ranks, and precision/recall are left empty.  Too few held-out models fails the LDS check."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 150)
+    images = [_png(int(40 + 80 * c + rng.integers(0, 30))) for c in labels]
+    pq.write_table(pa.table({"image": images, "label": labels.tolist()}), tmp_path / "mine.parquet")
+    spec = {"dataset": {"source": "parquet", "path": str(tmp_path / "mine.parquet"), "channels": 1},
+            "model": {"arch": "logreg"}, "training": {"epochs": 5, "batch_size": 16},
+            "subsets": {"num_models": 12, "num_heldout": 4}, "trak": {"num_models": 2, "proj_dim": 16},
+            "datamodels": {"n_lambdas": 3, "max_iter": 30}, "detector": {"restarts": 4, "retrain": False},
+            "lds": {"min_heldout": 10}}
+    result, checks, home = run(tmp_path, "mine", spec)
+    assert result.success
+    assert checks["enough_heldout_models"] is False
+    assert q(home, "SELECT count(*), count(poisoned) FROM examples WHERE split = 'train'") == [(120, 0)]
+    summary = q(home, "SELECT method, precision, recall, auroc FROM backdoor_summary ORDER BY method")
+    assert summary == [("spectral_signatures", None, None, None), ("strongest_feature", None, None, None)]
+    assert q(home, "SELECT count(*), count(DISTINCT rank) FROM backdoor_scores WHERE method = 'strongest_feature'") \
+        == [(120, 120)]
+    assert q(home, "SELECT count(*) FROM examples WHERE split = 'test_triggered'") == [(0,)]
+
+
+def test_refused_spec_writes_nothing(tmp_path):
+    bad = dict(TINY, attack={"kind": "badnets", "source_class": 3, "poison_count": 10_000})
+    result, _, home = run(tmp_path, "bad", bad)
+    assert not result.success
+    assert not (home / "artifacts" / "bad").exists()
+    assert not (home / "warehouse.duckdb").exists()
