@@ -66,7 +66,7 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
     t0 = time.perf_counter()
     a = detector_matrix(tau, q_mean, labels)
     sf = strongest_feature_scores(a, sizes=d.sizes, restarts=d.restarts, swaps=d.swaps,
-                                  max_passes=d.max_passes, seed=spec.seed,
+                                  max_passes=d.max_passes, seed=spec.seed, size_exponent=d.size_exponent,
                                   on_size=lambda i, k, size: log(f"local search: size {size} "
                                                                  f"({i + 1}/{k}, {time.perf_counter() - t0:.1f}s)"))
     if d.flag_count is not None:
