@@ -19,6 +19,16 @@ def _home() -> Path:
     return home()
 
 
+def ensure_dagster_home(home: Path) -> Path:
+    """The project's Dagster instance: SQLite storage under ``home/dagster``, telemetry off."""
+    d = home / "dagster"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = d / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text("telemetry:\n  enabled: false\n")
+    return d
+
+
 def _resolve_spec(arg: str) -> Path:
     p = Path(arg)
     if p.suffix not in (".yaml", ".yml"):
@@ -54,9 +64,7 @@ def cmd_run(args) -> int:
     if args.device:
         os.environ["PROVENANCE_DEVICE"] = args.device
     home = _home()
-    dagster_home = home / "dagster"
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(home))
 
     from dagster import DagsterInstance, materialize
 
@@ -121,6 +129,12 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_home(args) -> int:
+    """Prints the Dagster home (creating it), for ./provenance ui."""
+    print(ensure_dagster_home(_home()))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="provenance", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -139,6 +153,8 @@ def main(argv=None) -> int:
     s.add_argument("query")
     s.add_argument("--max-rows", type=int, default=40)
     s.set_defaults(fn=cmd_sql)
+    h = sub.add_parser("dagster-home", help="print (and create) the Dagster instance folder")
+    h.set_defaults(fn=cmd_home)
     args = p.parse_args(argv)
     return args.fn(args)
 

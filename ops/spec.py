@@ -119,7 +119,7 @@ class DetectorSpec(_Section):
     max_passes: int = Field(50, gt=0)
     size_exponent: float = Field(0.5, ge=0)   # a size-k solution counts k^-e (the paper: e = 1)
     flag_count: Optional[int] = Field(None, gt=0)   # None: flag the group that stands out
-    min_separation: float = Field(6.0, gt=0)
+    min_separation: float = Field(4.5, gt=0)
     retrain: bool = True                 # retrain without the flagged set and report ASR
 
     @field_validator("sizes")

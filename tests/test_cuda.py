@@ -1,0 +1,36 @@
+"""CUDA paths agree with the CPU ones. Skipped where no GPU is present (CI); run on a GPU machine."""
+import numpy as np
+import pytest
+import torch
+
+from kernels.models import build_model
+from kernels.train import Recipe, predict_stacked, train_stacked
+from kernels.trak import featurize
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_batched_training_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (256,), generator=g)
+    x = torch.randn(256, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1)
+    make = lambda: build_model("small_cnn", (1, 8, 8), 3, 8)  # noqa: E731
+    subsets = [np.arange(0, 256, 2), np.arange(1, 256, 2)]
+    recipe = Recipe(epochs=2, batch_size=32, lr=0.05)
+    cpu = train_stacked(make, x, y, subsets, [1, 2], recipe)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = train_stacked(make, x.cuda(), y.cuda(), subsets, [1, 2], recipe)
+    for k in cpu:
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(predict_stacked(make, gpu, x.cuda()).cpu(), predict_stacked(make, cpu, x),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_projected_gradients_on_cuda_match_cpu():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, 16)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    cpu = featurize(model, params, x, y, 32, seed=3)
+    gpu = featurize(model.cuda(), {k: v.cuda() for k, v in params.items()}, x.cuda(), y.cuda(), 32, seed=3)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
