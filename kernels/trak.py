@@ -12,7 +12,6 @@ at these sizes (reference notes, "measured pitfalls").
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,10 +21,6 @@ from torch.func import functional_call, grad, vmap
 from kernels.models import margin
 
 # ---------------------------------------------------------------- per-example gradients
-
-
-def _flat_params(params: dict[str, torch.Tensor]) -> int:
-    return sum(p.numel() for p in params.values())
 
 
 def per_example_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -154,6 +149,3 @@ def featurize(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
     """Projected margin gradients [N, k], computed chunk by chunk (never holds N x P)."""
     return torch.cat([project(per_example_grads(model, params, x[i:i + chunk], y[i:i + chunk]), k, seed)
                       for i in range(0, len(x), chunk)])
-
-
-GradFn = Callable[[nn.Module, dict, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -59,7 +59,6 @@ class Data:
         self.xt, self.yt = load("test")
         self.xg, self.yg = load("triggered") if len(files["triggered"]) else (None, None)
         self.in_shape = tuple(self.x.shape[1:])
-        self.num_classes = None
 
 
 def make_model_fn(spec: Spec, in_shape, num_classes):
@@ -78,11 +77,6 @@ def evaluate(make_model, params, data: Data, target_class: int | None) -> dict[s
     else:
         out["asr"] = np.full(logits.shape[0], np.nan)
     return out
-
-
-def train_group(spec: Spec, data: Data, make_model, subsets, ids, log: Log) -> dict:
-    seeds = [model_seed(spec, i) for i in ids]
-    return train_stacked(make_model, data.x, data.y, subsets, seeds, recipe_of(spec))
 
 
 def num_classes_of(store: ArtifactStore, exp: str) -> int:
@@ -109,7 +103,8 @@ def checkpoints(spec: Spec, store: ArtifactStore, exp: str, device: torch.device
     t0 = time.perf_counter()
     groups = [ids[i:min(i + per, m_all)] for i in range(0, m_all, per)] + [[m_all]]
     for gi, group in enumerate(groups):
-        params = train_group(spec, data, make_model, [subsets[i] for i in group], group, log)
+        params = train_stacked(make_model, data.x, data.y, [subsets[i] for i in group],
+                               [model_seed(spec, i) for i in group], recipe_of(spec))
         ev = evaluate(make_model, params, data, target)
         for k, v in ev.items():
             results.setdefault(k, []).append(v)

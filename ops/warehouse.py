@@ -75,8 +75,9 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
             if table in paths:
                 conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [paths[table]])
             else:
-                frame = {"experiments": experiments, "model_outputs": outputs}[table]  # noqa: F841
-                conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM frame")
+                conn.register("incoming", {"experiments": experiments, "model_outputs": outputs}[table])
+                conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+                conn.unregister("incoming")
             counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]
         conn.execute("COMMIT")
     except BaseException:
