@@ -1,6 +1,7 @@
 """TRAK features and scores, datamodels, and the linear datamodeling score."""
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable
 
@@ -24,28 +25,24 @@ Log = Callable[[str], None]
 def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
     """Projected margin gradients of train and test examples, and Q, for the first M checkpoints."""
     make_model, params, meta = load_models(spec, store, exp)
-    import json
-
     data = Data(store, exp, device, norm=json.loads(meta["norm"]))
     model = make_model().to(device)
     m, k = spec.trak.num_models, spec.trak.proj_dim
     n, t = len(data.y), len(data.yt)
-    train = np.zeros((m, n, k), np.float32)
-    test = np.zeros((m, t, k), np.float32)
-    q = np.zeros((m, n), np.float32)
     t0 = time.perf_counter()
-    for i in range(m):
-        p = {kk: v.to(device) for kk, v in unstack(params, i).items()}
-        seed = spec.seed * 100_003 + i
-        train[i] = featurize(model, p, data.x, data.y, k, seed).cpu().numpy()
-        test[i] = featurize(model, p, data.xt, data.yt, k, seed).cpu().numpy()
-        q[i] = out_to_loss(model, p, data.x, data.y).cpu().numpy()
-        if (i + 1) % max(1, m // 8) == 0 or i + 1 == m:
-            log(f"featurized {i + 1}/{m} checkpoints ({time.perf_counter() - t0:.1f}s)")
-    store.save_npy(exp, FEAT, "train.npy", train)
-    store.save_npy(exp, FEAT, "test.npy", test)
-    store.save_npy(exp, FEAT, "out_to_loss.npy", q)
-    finite = bool(np.isfinite(train).all() and np.isfinite(test).all() and np.isfinite(q).all())
+    finite = True
+    with store.open_npy(exp, FEAT, "train.npy", (m, n, k), np.float32) as train, \
+            store.open_npy(exp, FEAT, "test.npy", (m, t, k), np.float32) as test, \
+            store.open_npy(exp, FEAT, "out_to_loss.npy", (m, n), np.float32) as q:
+        for i in range(m):
+            p = {kk: v.to(device) for kk, v in unstack(params, i).items()}
+            seed = spec.seed * 100_003 + i
+            train[i] = featurize(model, p, data.x, data.y, k, seed).cpu().numpy()
+            test[i] = featurize(model, p, data.xt, data.yt, k, seed).cpu().numpy()
+            q[i] = out_to_loss(model, p, data.x, data.y).cpu().numpy()
+            finite &= bool(np.isfinite(train[i]).all() and np.isfinite(test[i]).all() and np.isfinite(q[i]).all())
+            if (i + 1) % max(1, m // 8) == 0 or i + 1 == m:
+                log(f"featurized {i + 1}/{m} checkpoints ({time.perf_counter() - t0:.1f}s)")
     n_params = sum(v[0].numel() for v in params.values())
     return {"checkpoints": m, "proj_dim": k, "train_examples": n, "test_examples": t,
             "parameters": n_params, "finite": finite, "seconds": round(time.perf_counter() - t0, 1)}

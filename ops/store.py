@@ -56,6 +56,21 @@ class ArtifactStore:
                 np.save(f, np.asarray(array), allow_pickle=False)
         return self.path(experiment, asset, name)
 
+    @contextmanager
+    def open_npy(self, experiment: str, asset: str, name: str, shape: tuple, dtype) -> Iterator[np.ndarray]:
+        """A writable .npy memory map filled in place; renamed into place only if the block succeeds.
+
+        For arrays larger than memory (features of many checkpoints): rows are written as they
+        are computed and never held all at once.
+        """
+        with self.atomic(experiment, asset, name) as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            try:
+                yield arr
+                arr.flush()
+            finally:
+                del arr
+
     def load_npy(self, experiment: str, asset: str, name: str, mmap: bool = True) -> np.ndarray:
         return np.load(self.require(experiment, asset, name), mmap_mode="r" if mmap else None,
                        allow_pickle=False)

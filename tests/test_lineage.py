@@ -150,3 +150,17 @@ def test_refused_spec_writes_nothing(tmp_path):
     assert not result.success
     assert not (home / "artifacts" / "bad").exists()
     assert not (home / "warehouse.duckdb").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tiny):
+    from ops.spec import parse_spec
+    from ops.store import ArtifactError, ArtifactStore
+    from ops.training import load_models
+
+    _, _, home = tiny
+    store = ArtifactStore(home / "artifacts")
+    make_model, params, meta = load_models(parse_spec({**TINY, "name": "tiny"}), store, "tiny")
+    assert meta["arch"] == "mlp" and next(iter(params.values())).shape[0] == 33
+    other = parse_spec({**TINY, "name": "tiny", "model": {"arch": "mlp", "hidden": 64}})
+    with pytest.raises(ArtifactError, match="holds mlp \\(hidden=32\\) models but the spec asks for mlp \\(hidden=64\\)"):
+        load_models(other, store, "tiny")

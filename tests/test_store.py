@@ -27,3 +27,15 @@ def test_tensors_roundtrip_without_pickle(tmp_path):
     store.save_tensors("e", "c", "m.safetensors", {"w": torch.ones(2, 3)}, {"arch": "mlp"})
     t, meta = store.load_tensors("e", "c", "m.safetensors")
     assert meta == {"arch": "mlp"} and torch.equal(t["w"], torch.ones(2, 3))
+
+
+def test_open_npy_is_atomic(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with store.open_npy("e", "f", "big.npy", (3, 4), np.float32) as arr:
+        arr[1] = 7
+    np.testing.assert_array_equal(store.load_npy("e", "f", "big.npy")[1], np.full(4, 7, np.float32))
+    with pytest.raises(ValueError):
+        with store.open_npy("e", "f", "other.npy", (3, 4), np.float32) as arr:
+            raise ValueError("crash while filling")
+    assert not store.path("e", "f", "other.npy").exists()
+    assert sorted(p.name for p in store.path("e", "f").iterdir()) == ["big.npy"]
