@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_validate_reports_the_key_and_exits_2(tmp_path, capsys):
+    p = tmp_path / "typo.yaml"
+    p.write_text(yaml.safe_dump({"subsets": {"alpah": 0.5}}))
+    assert main(["validate", str(p)]) == 2
+    assert f"{p}: subsets.alpah: unknown key" in capsys.readouterr().err
+    assert main(["validate", str(ROOT / "experiments" / "demo.yaml")]) == 0
+
+
+def test_run_prints_the_report_and_sql_reads_the_warehouse(tmp_path):
+    from tests.test_lineage import TINY
+
+    spec = tmp_path / "tiny_cli.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    env = {**os.environ, "PROVENANCE_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "cli.py", "run", str(spec), "--log-level", "WARNING"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "provenance report: experiment tiny_cli" in out.stdout
+    assert "LDS trak" in out.stdout and "detector strongest_feature" in out.stdout
+    assert (tmp_path / "home" / "dagster" / "dagster.yaml").exists()
+    sql = subprocess.run([sys.executable, "cli.py", "sql", "SELECT count(*) AS n FROM models"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert sql.returncode == 0 and "33" in sql.stdout
+    bad = subprocess.run([sys.executable, "cli.py", "sql", "SELECT * FROM nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "nope" in bad.stderr
