@@ -79,8 +79,7 @@ class Loader:
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
         self.fields = tuple(fields or self.file.fields)
-        for f in self.fields:
-            self.file.array(f)   # raises for unknown fields
+        self.shapes = {f: field_shape(self.file, f, f in (pipelines or {})) for f in self.fields}
         self.pipelines = dict(pipelines or {})
         for f in self.pipelines:
             if f not in self.fields:
@@ -95,7 +94,7 @@ class Loader:
         self.batches_ahead = max(1, batches_ahead)
         self.device = torch.device(device)
         self.resident = resident
-        row = max(1, self.file.fields[self.fields[0]].nbytes // max(1, len(self.file)))
+        row = max(1, sum(self.file.fields[f].nbytes for f in self.fields) // max(1, len(self.file)))
         self.page_rows = max(1, page_bytes // row)
         self._epoch = 0
         self._resident_data: dict[str, torch.Tensor] | None = None
@@ -126,6 +125,9 @@ class Loader:
 
     def _resident(self) -> dict[str, torch.Tensor]:
         if self._resident_data is None:
+            for f in self.fields:
+                if self.file.fields[f].kind != "fixed":
+                    raise ValueError(f"resident mode needs fixed-size fields; {f!r} holds encoded bytes")
             self._resident_data = {f: torch.from_numpy(np.array(self.file.array(f))).to(self.device)
                                    for f in self.fields}
         return self._resident_data
@@ -143,18 +145,22 @@ class Loader:
                 flat = idx_t.reshape(-1)
                 p = (field_params or {}).get(f, params or {})
                 res = torch_pipeline(pipe, data[f], flat, p)
-                out[f] = res.reshape(*idx_t.shape, *res.shape[1:])
+                if pipe.channels_last and res.ndim == 4:
+                    res = res.permute(0, 3, 1, 2)      # NCHW view over NHWC memory, as the threaded path
+                out[f] = res if idx_t.ndim == 1 else res.reshape(*idx_t.shape, *res.shape[1:])
         return out
 
     def _resident_iter(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch])
         for idx in self._batches(epoch):
-            params = {f: p.draw(rng, len(idx), self.file.fields[f].shape) for f, p in self.pipelines.items()}
+            params = {f: p.draw(rng, len(idx), self.shapes[f]) for f, p in self.pipelines.items()}
             yield self.fetch(idx, field_params=params)
 
 
 def torch_pipeline(pipe: Pipeline, data: torch.Tensor, idx: torch.Tensor, params: dict) -> torch.Tensor:
-    """The fused pipeline in torch, for data resident on a device (no RandomResizedCrop)."""
+    """The fused pipeline in torch, for data resident on a device (no RandomResizedCrop).
+
+    Returns N x H x W x C with ChannelsLast, else N x C x H x W (contiguous)."""
     if "RandomResizedCrop" in pipe.ops:
         raise NotImplementedError("RandomResizedCrop runs in the CPU loader only; use resident=False")
     dev = data.device
@@ -178,8 +184,47 @@ def torch_pipeline(pipe: Pipeline, data: torch.Tensor, idx: torch.Tensor, params
     return out if pipe.channels_last else out.permute(0, 3, 1, 2).contiguous()
 
 
-def _produce(file: LoaderFile, fields, pipelines, batches, seed, epoch, slots, free_q, ready_q, stop):
-    arrays = {f: file.array(f) for f in fields}
+def field_shape(file: LoaderFile, name: str, decoded: bool) -> tuple:
+    """Per-example shape a field yields: fixed fields their own; encoded images the shape in the
+    file's ``decoded_shape`` attribute (set by the writer), which every image must decode to."""
+    info = file.fields.get(name)
+    if info is None:
+        raise ValueError(f"{file.path}: no field {name!r} (fields: {sorted(file.fields)})")
+    if info.kind == "fixed":
+        return info.shape
+    if not decoded:
+        raise ValueError(f"{file.path}: field {name!r} holds encoded bytes; give it a Pipeline to decode it")
+    shape = file.attrs.get("decoded_shape", {}).get(name)
+    if not shape:
+        raise ValueError(f"{file.path}: bytes field {name!r} has no decoded_shape attribute")
+    return tuple(shape)
+
+
+def decode_into(blobs: list[bytes], out: np.ndarray, pool) -> np.ndarray:
+    """Decode encoded images (PNG/JPEG/...) into ``out`` [n, H, W, C] uint8, on a thread pool."""
+    import io
+
+    from PIL import Image
+
+    h, w, c = out.shape[1:]
+
+    def one(i):
+        img = Image.open(io.BytesIO(blobs[i])).convert("L" if c == 1 else "RGB")
+        a = np.asarray(img, np.uint8)
+        if a.shape[:2] != (h, w):
+            raise ValueError(f"an image decodes to {a.shape[1]}x{a.shape[0]}, the file declares {w}x{h}")
+        out[i] = a.reshape(h, w, c)
+
+    list(pool.map(one, range(len(blobs))))
+    return out
+
+
+def _produce(file: LoaderFile, fields, shapes, pipelines, batches, seed, epoch, slots, free_q, ready_q, stop):
+    from concurrent.futures import ThreadPoolExecutor
+
+    arrays = {f: file.array(f) for f in fields if file.fields[f].kind == "fixed"}
+    pool = ThreadPoolExecutor(2) if len(arrays) < len(fields) else None
+    scratch = {}
     rng = np.random.default_rng([seed, epoch])     # one stream per epoch, drawn batch after batch
     try:
         for b, idx in enumerate(batches):
@@ -196,16 +241,24 @@ def _produce(file: LoaderFile, fields, pipelines, batches, seed, epoch, slots, f
             for f in fields:
                 buf = slots[k][f]
                 pipe = pipelines.get(f)
+                src, sel = arrays.get(f), idx
+                if src is None:   # encoded images: decode the batch, then transform it
+                    if f not in scratch or len(scratch[f]) < n:
+                        scratch[f] = np.empty((len(idx), *shapes[f]), np.uint8)
+                    src = decode_into(file.take_bytes(f, idx), scratch[f][:n], pool)
+                    sel = np.arange(n)
                 if pipe is None:
-                    np.take(arrays[f], idx, axis=0, out=buf[:n])
+                    np.take(src, sel, axis=0, out=buf[:n])
                 else:
-                    params = pipe.draw(rng, n, file.fields[f].shape)
-                    pipe(arrays[f], idx, params, out=buf[:n])
+                    pipe(src, sel, pipe.draw(rng, n, shapes[f]), out=buf[:n])
                 views[f] = buf[:n]
             ready_q.put((k, views))
     except BaseException as e:  # hand the error to the consumer
         ready_q.put((None, e))
         return
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False)
     ready_q.put((None, None))
 
 
@@ -228,7 +281,7 @@ class _EpochIterator:
             for f in loader.fields:
                 pipe = loader.pipelines.get(f)
                 info = f0.fields[f]
-                shape = pipe.output_shape(info.shape) if pipe else info.shape
+                shape = pipe.output_shape(loader.shapes[f]) if pipe else info.shape
                 dtype = pipe.dtype if pipe else info.dtype
                 t = torch.empty((loader.batch_size, *shape), dtype=_torch_dtype(dtype), pin_memory=cuda)
                 slot[f] = t.numpy()
@@ -242,7 +295,7 @@ class _EpochIterator:
         self.stop = threading.Event()
         self.thread = threading.Thread(
             target=_produce, daemon=True, name="provenance-loader",
-            args=(f0, loader.fields, loader.pipelines, self.batches, loader.seed, epoch, self.slots,
+            args=(f0, loader.fields, loader.shapes, loader.pipelines, self.batches, loader.seed, epoch, self.slots,
                   self.free_q, self.ready_q, self.stop))
         self.thread.start()
         self._finalizer = weakref.finalize(self, _shutdown, self.stop, self.thread)

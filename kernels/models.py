@@ -79,9 +79,3 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     others = logits.scatter(-1, labels.unsqueeze(-1), float("-inf"))
     return correct - torch.logsumexp(others, dim=-1)
 
-
-def to_model_input(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> normalized float32 [N, C, H, W]."""
-    x = images_u8.to(torch.float32).div_(255.0)
-    x = (x - mean) / std
-    return x.permute(0, 3, 1, 2).contiguous()

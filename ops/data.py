@@ -76,11 +76,13 @@ SPLITS = {"train": ("train_images", "train_labels"), "test": ("test_images", "te
 
 def loader_files(spec: Spec, store: ArtifactStore, exp: str) -> dict:
     out = {}
+    meta = store.load_json(exp, TRAIN, "meta.json")
     for split, (img, lab) in SPLITS.items():
         images = np.asarray(store.load_npy(exp, TRAIN, f"{img}.npy"))
         labels = np.asarray(store.load_npy(exp, TRAIN, f"{lab}.npy"))
         path = store.path(exp, LOADER, f"{split}.pvl")
-        write_loader_file(path, {"image": images, "label": labels.astype(np.int64)},
+        write_loader_file(path, {"image": images, "label": labels.astype(np.int64),
+                                 "id": [str(i) for i in meta[f"{split}_ids"]]},
                           attrs={"experiment": exp, "split": split})
         out[split] = {"path": str(path), "examples": len(labels), "bytes": path.stat().st_size}
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,15 @@ def _decode(data: bytes, where: str, ds) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
+def _decode_all(blobs: list, names: list[str], ds) -> np.ndarray:
+    """Decode images on a thread pool (PIL releases the GIL while decoding), then stack them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda a: _decode(a[0], a[1], ds), zip(blobs, names)))
+    return _stack(images, names)
+
+
 def _stack(images: list[np.ndarray], names: list[str]) -> np.ndarray:
     shape = images[0].shape
     for img, name in zip(images, names):
@@ -182,8 +192,7 @@ def _image_folder(ds, labels_only):
                     for files_, _, flags, base in parts for f, t in zip(files_, flags)])
     images = None
     if not labels_only:
-        images = _stack([_decode(open(f, "rb").read(), str(f), ds) for f in all_files],
-                        [str(f) for f in all_files])
+        images = _decode_all([f.read_bytes() for f in all_files], [str(f) for f in all_files], ds)
     return RawData(np.concatenate([p[1] for p in parts]), ids, np.concatenate([p[2] for p in parts]),
                    classes, images, meta={"has_test_split": bool(ds.test_path)})
 
@@ -220,7 +229,7 @@ def _parquet(ds, labels_only):
     else:
         classes = sorted({str(v) for v in raw_labels})
         labels = np.asarray([classes.index(str(v)) for v in raw_labels], np.int64)
-    ids, flags, poisoned, images, names = [], [], [], [], []
+    ids, flags, poisoned, blobs, names = [], [], [], [], []
     for is_test, t in tables:
         n = len(t[ds.label_column])
         split = "test" if is_test else "train"
@@ -232,12 +241,12 @@ def _parquet(ds, labels_only):
                 data = v["bytes"] if isinstance(v, dict) else v
                 if data is None:
                     raise SourceError(f"dataset.image_column: row {i} of the {split} table has no image")
-                images.append(_decode(data, f"in row {i} of the {split} table", ds))
-                names.append(f"row {i} of the {split} table")
+                blobs.append(data)
+                names.append(f"in row {i} of the {split} table")
     if len(set(ids)) != len(ids):
         raise SourceError("dataset.path: the id column has duplicate values")
     return RawData(labels, np.asarray(ids), np.asarray(flags, bool), classes,
-                   None if labels_only else _stack(images, names), np.asarray(poisoned, np.int8),
+                   None if labels_only else _decode_all(blobs, names, ds), np.asarray(poisoned, np.int8),
                    meta={"has_test_split": bool(ds.test_path)})
 
 

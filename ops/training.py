@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kernels.models import build_model, margin, to_model_input
+from kernels.dataloader import Loader
+from kernels.models import build_model, margin
+from kernels.transforms import Normalize, Pipeline
 from kernels.train import Recipe, predict_stacked, train_stacked
 from ops.data import MASKS, open_loader
 from ops.spec import Spec
@@ -38,26 +40,30 @@ def model_seed(spec: Spec, model_id: int) -> int:
 
 
 class Data:
-    """The three loader files as model inputs on the compute device."""
+    """The three loader files, read through the Loader in resident mode: each split is normalized
+    once on the compute device and training steps index it there (no per-step host copies)."""
 
     def __init__(self, store: ArtifactStore, exp: str, device: torch.device, norm: dict | None = None):
         files = {s: open_loader(store, exp, s) for s in ("train", "test", "triggered")}
-        train_u8 = np.asarray(files["train"].array("image"))
         if norm is None:
-            px = train_u8.reshape(-1, train_u8.shape[-1]).astype(np.float64) / 255.0
+            train_u8 = files["train"].array("image")
+            px = np.asarray(train_u8, np.float64).reshape(-1, train_u8.shape[-1]) / 255.0
             norm = {"mean": px.mean(0).tolist(), "std": np.maximum(px.std(0), 1e-3).tolist()}
         self.norm = norm
-        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
+        pipe = Pipeline([Normalize(tuple(norm["mean"]), tuple(norm["std"]))])
 
         def load(split):
             f = files[split]
-            x = torch.from_numpy(np.array(f.array("image")))    # copies out of the memory map
-            y = torch.from_numpy(np.array(f.array("label")))
-            return to_model_input(x, mean, std).to(device), y.to(device)
+            if not len(f):
+                return None, None
+            loader = Loader(f, batch_size=len(f), order="sequential", pipelines={"image": pipe},
+                            fields=("image", "label"), resident=True, device=device)
+            batch = loader.fetch(np.arange(len(f)))
+            return batch["image"], batch["label"]
 
         self.x, self.y = load("train")
         self.xt, self.yt = load("test")
-        self.xg, self.yg = load("triggered") if len(files["triggered"]) else (None, None)
+        self.xg, self.yg = load("triggered")
         self.in_shape = tuple(self.x.shape[1:])
 
 

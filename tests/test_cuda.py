@@ -34,3 +34,22 @@ def test_projected_gradients_on_cuda_match_cpu():
     cpu = featurize(model, params, x, y, 32, seed=3)
     gpu = featurize(model.cuda(), {k: v.cuda() for k, v in params.items()}, x.cuda(), y.cuda(), 32, seed=3)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_loader_to_cuda_pinned_and_resident(tmp_path):
+    from kernels.dataloader import Loader
+    from kernels.loader import write_loader_file
+    from kernels.transforms import ChannelsLast, Cutout, Normalize, Pipeline, RandomHorizontalFlip, RandomTranslate
+
+    images = np.random.default_rng(0).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+    path = write_loader_file(tmp_path / "c.pvl", {"image": images, "label": np.arange(300)})
+    pipe = Pipeline([RandomHorizontalFlip(), RandomTranslate(2), Cutout(4), Normalize((0.5,) * 3, (0.25,) * 3),
+                     ChannelsLast()])
+    kw = dict(order="random", seed=1, pipelines={"image": pipe})
+    cpu = [b["image"].clone() for b in Loader(path, 64, **kw)]
+    gpu = [b for b in Loader(path, 64, device="cuda", **kw)]
+    res = [b for b in Loader(path, 64, device="cuda", resident=True, **kw)]
+    assert all(g["image"].is_cuda and r["image"].is_cuda for g, r in zip(gpu, res))
+    for c, g, r in zip(cpu, gpu, res):
+        torch.testing.assert_close(g["image"].cpu(), c, rtol=0, atol=0)
+        torch.testing.assert_close(r["image"].cpu(), c, rtol=0, atol=0)

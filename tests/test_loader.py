@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kernels.loader import LoaderFile, LoaderFileError, iterate_batches, write_loader_file
+from kernels.loader import LoaderFile, LoaderFileError, convert, write_loader_file
 
 
 def _fields(n=50):
@@ -75,17 +75,6 @@ def test_writer_rejects_ragged_fields(tmp_path):
     assert not (tmp_path / "a.pvl").exists()
 
 
-def test_batches_cover_subset_once_and_are_seeded():
-    subset = np.arange(0, 100, 3)
-    batches = list(iterate_batches(100, 8, indices=subset, seed=1, epoch=0))
-    assert sorted(np.concatenate(batches).tolist()) == subset.tolist()
-    again = list(iterate_batches(100, 8, indices=subset, seed=1, epoch=0))
-    other = list(iterate_batches(100, 8, indices=subset, seed=1, epoch=1))
-    assert all((a == b).all() for a, b in zip(batches, again))
-    assert any((a != b).any() for a, b in zip(batches, other))
-    assert sum(len(b) for b in iterate_batches(100, 8, indices=subset, drop_last=True)) == 32
-
-
 def _read_pvl_reference(path):
     """The reference reader printed in docs/formats.md, verbatim in behaviour."""
     import json
@@ -94,21 +83,85 @@ def _read_pvl_reference(path):
 
     raw = open(path, "rb").read()
     magic, version, hlen = struct.unpack("<8sHI", raw[:14])
-    assert magic == b"PVLOADER" and version == 1
+    assert magic == b"PVLOADER" and version in (1, 2)
     header = json.loads(raw[14:14 + hlen])
-    out = {}
+    n, out = header["num_examples"], {}
     for f in header["fields"]:
         block = raw[f["offset"]:f["offset"] + f["nbytes"]]
         assert len(block) == f["nbytes"] and zlib.crc32(block) == f["crc32"]
-        out[f["name"]] = np.frombuffer(block, np.dtype(f["dtype"])).reshape(header["num_examples"], *f["shape"])
+        if f.get("kind", "fixed") == "fixed":
+            out[f["name"]] = np.frombuffer(block, np.dtype(f["dtype"])).reshape(n, *f["shape"])
+        else:
+            index = raw[f["index_offset"]:f["index_offset"] + f["index_nbytes"]]
+            assert zlib.crc32(index) == f["index_crc32"]
+            offs = np.frombuffer(index, "<u8")
+            out[f["name"]] = [block[offs[i]:offs[i + 1]] for i in range(n)]
     return out
 
 
 def test_documented_reference_reader_agrees(tmp_path):
     f = _fields(37)
-    p = write_loader_file(tmp_path / "a.pvl", f)
+    blobs = [bytes(range(i % 7)) * i for i in range(37)]
+    p = write_loader_file(tmp_path / "a.pvl", {**f, "blob": blobs})
     ref = _read_pvl_reference(p)
     fast = LoaderFile(p)
-    assert ref.keys() == f.keys()
+    assert ref.keys() == {*f, "blob"}
     for name in f:
         np.testing.assert_array_equal(ref[name], fast.array(name))
+    assert ref["blob"] == blobs == fast.take_bytes("blob", np.arange(37))
+
+
+def test_variable_size_fields_and_ids(tmp_path):
+    ids = [f"ex-{i}" for i in range(20)]
+    blobs = [b"x" * (i * 3) for i in range(20)]
+    p = write_loader_file(tmp_path / "v.pvl", {"id": ids, "blob": blobs, "label": np.arange(20)})
+    r = LoaderFile(p)
+    assert r.fields["blob"].kind == "bytes" and r.version == 2
+    assert r.take_bytes("blob", [19, 0, 5]) == [blobs[19], blobs[0], blobs[5]]
+    np.testing.assert_array_equal(r.index_of(["ex-7", "ex-2"]), [7, 2])
+    with pytest.raises(LoaderFileError, match="no example with id 'nope'"):
+        r.index_of(["nope"])
+    with pytest.raises(LoaderFileError, match="use take_bytes"):
+        r.array("blob")
+    # corrupting the variable-size data or its offsets is caught
+    data = bytearray(p.read_bytes())
+    off = r.fields["blob"].offset
+    data[off + 10] ^= 1
+    (tmp_path / "bad.pvl").write_bytes(bytes(data))
+    with pytest.raises(LoaderFileError, match="checksum mismatch in field 'blob'"):
+        LoaderFile(tmp_path / "bad.pvl")
+    data = bytearray(p.read_bytes())
+    data[r.fields["blob"].index_offset + 9] ^= 1
+    (tmp_path / "bad2.pvl").write_bytes(bytes(data))
+    with pytest.raises(LoaderFileError, match="offsets of 'blob'"):
+        LoaderFile(tmp_path / "bad2.pvl")
+
+
+def test_parallel_convert_of_an_indexable_dataset(tmp_path):
+    import io
+
+    from PIL import Image
+
+    class Dataset:   # torchvision-style: (PIL image, label)
+        def __len__(self):
+            return 300
+
+        def __getitem__(self, i):
+            return Image.fromarray(np.full((6, 5, 3), i % 256, np.uint8)), i % 10
+
+    def raw(item):
+        img, label = item
+        return {"image": np.asarray(img), "label": np.int64(label)}
+
+    def png(item):
+        img, label = item
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return {"image": buf.getvalue(), "label": np.int64(label)}
+
+    r = LoaderFile(convert(Dataset(), tmp_path / "raw.pvl", raw, workers=2, chunk=64))
+    assert r.array("image").shape == (300, 6, 5, 3) and (r.array("image")[123] == 123).all()
+    np.testing.assert_array_equal(r.array("label"), np.arange(300) % 10)
+    e = LoaderFile(convert(Dataset(), tmp_path / "png.pvl", png, workers=2, attrs={"decoded_shape": {"image": [6, 5, 3]}}))
+    first = Image.open(io.BytesIO(e.take_bytes("image", [77])[0]))
+    assert (np.asarray(first) == 77).all()
