@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-ARCHS = ("logreg", "mlp", "small_cnn")
+ARCHS = ("logreg", "mlp", "small_cnn", "resnet9")
 
 
 class LogReg(nn.Module):
@@ -59,14 +59,53 @@ class SmallCNN(nn.Module):
         return self.out(self.embed(x))
 
 
+def _conv_bn(c_in, c_out, k=3, stride=1, padding=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """The KakaoBrain ResNet-9 of the FFCV / datamodels / TRAK CIFAR recipe (training-speed.md §2):
+    widths 64-128-128-256-256-128, a 5x5 stride-2 convolution, output scaled by 0.2."""
+
+    def __init__(self, in_shape, num_classes, width=64):
+        super().__init__()
+        c = in_shape[0]
+        w1, w2, w3 = width, 2 * width, 4 * width
+        self.features = nn.Sequential(
+            _conv_bn(c, w1), _conv_bn(w1, w2, k=5, stride=2, padding=2),
+            _Residual(nn.Sequential(_conv_bn(w2, w2), _conv_bn(w2, w2))),
+            _conv_bn(w2, w3), nn.MaxPool2d(2),
+            _Residual(nn.Sequential(_conv_bn(w3, w3), _conv_bn(w3, w3))),
+            _conv_bn(w3, w2, padding=0), nn.AdaptiveMaxPool2d((1, 1)), nn.Flatten())
+        self.out = nn.Linear(w2, num_classes, bias=False)
+
+    def embed(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.out(self.embed(x)) * 0.2
+
+
 def build_model(arch: str, in_shape: tuple, num_classes: int, hidden: int = 64) -> nn.Module:
-    """``in_shape`` is (C, H, W), the layout models receive."""
+    """``in_shape`` is (C, H, W), the layout models receive; ``hidden`` is the width."""
     if arch == "logreg":
         return LogReg(in_shape, num_classes)
     if arch == "mlp":
         return MLP(in_shape, num_classes, hidden)
     if arch == "small_cnn":
         return SmallCNN(in_shape, num_classes, hidden)
+    if arch == "resnet9":
+        return ResNet9(in_shape, num_classes, hidden)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
 
 

@@ -28,20 +28,95 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    schedule: str = "triangular"   # triangular | cosine | constant
-    peak_epoch_frac: float = 0.25  # where the triangular schedule peaks
+    optimizer: str = "sgd"          # sgd | adam
+    schedule: str = "triangular"    # triangular | cosine | step | constant | two_regime
+    peak_epoch_frac: float = 0.25   # triangular: where the learning rate peaks
+    step_milestones: tuple = (0.5, 0.75)   # step: fractions of training where lr *= step_gamma
+    step_gamma: float = 0.1
+    switch_frac: float = 0.75       # two_regime: large-step phase share of the budget
+    small_lr: float = 0.005         # two_regime: learning rate of the small-step phase
+    flip: bool = False              # augmentation: random horizontal flip
+    translate: int = 0              # augmentation: random translate by up to this many pixels
+    cutout: int = 0                 # augmentation: cutout square size
+    amp: bool = False               # bfloat16 autocast on CUDA
+    channels_last: bool = False     # channels-last activations on CUDA
+    tta_flip: bool = False          # evaluate on the image and its mirror, average the logits
+
+
+SCHEDULES = ("triangular", "cosine", "step", "constant", "two_regime")
 
 
 def lr_factor(recipe: Recipe, step: int, total: int) -> float:
+    """Multiplier of ``recipe.lr`` at ``step`` of ``total`` (two_regime: see ``phase``)."""
     t = step / max(total, 1)
-    if recipe.schedule == "constant":
+    if recipe.schedule in ("constant", "two_regime"):
         return 1.0
     if recipe.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     if recipe.schedule == "triangular":
         p = recipe.peak_epoch_frac
         return t / p if t < p else max(0.0, (1 - t) / (1 - p))
-    raise ValueError(f"unknown schedule {recipe.schedule!r}")
+    if recipe.schedule == "step":
+        return recipe.step_gamma ** sum(t >= m for m in recipe.step_milestones)
+    raise ValueError(f"unknown schedule {recipe.schedule!r}; choose one of {SCHEDULES}")
+
+
+def make_optimizers(recipe: Recipe, params) -> list:
+    """One optimizer, or for the two-regime schedule (Leclerc & Madry, arXiv 2002.10376) two:
+    plain SGD at a large constant rate, then momentum SGD (or Adam) at a small rate."""
+    params = list(params)
+    if recipe.optimizer == "adam":
+        main = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    elif recipe.optimizer == "sgd":
+        mom = 0.0 if recipe.schedule == "two_regime" else recipe.momentum
+        main = torch.optim.SGD(params, lr=recipe.lr, momentum=mom, nesterov=mom > 0,
+                               weight_decay=recipe.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {recipe.optimizer!r}; choose sgd or adam")
+    if recipe.schedule != "two_regime":
+        return [main]
+    small = torch.optim.SGD(params, lr=recipe.small_lr, momentum=recipe.momentum or 0.9, nesterov=True,
+                            weight_decay=recipe.weight_decay)
+    return [main, small]
+
+
+def current_optimizer(recipe: Recipe, opts: list, step: int, total: int):
+    if len(opts) == 2 and step >= recipe.switch_frac * total:
+        return opts[1], recipe.small_lr * (1 - (step - recipe.switch_frac * total) / max(1, (1 - recipe.switch_frac) * total))
+    return opts[0], recipe.lr * lr_factor(recipe, step, total)
+
+
+def augment(x: torch.Tensor, flip: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor, cy: torch.Tensor,
+            cx: torch.Tensor, cut: int) -> torch.Tensor:
+    """Flip, translate (zero fill) and cutout (zero) a batch [N, C, H, W] of model inputs, with the
+    semantics of kernels/transforms.py (zero is the mean pixel after normalization)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    ys = torch.arange(h, device=dev)[None, :, None]
+    xs = torch.arange(w, device=dev)[None, None, :]
+    sy, sx = ys - ty[:, None, None], xs - tx[:, None, None]
+    ok = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+    if cut:
+        ly, lx = (cy - cut // 2)[:, None, None], (cx - cut // 2)[:, None, None]
+        ok &= ~((ys >= ly) & (ys < ly + cut) & (xs >= lx) & (xs < lx + cut))
+    sx = torch.where(flip[:, None, None], w - 1 - sx, sx)
+    bidx = torch.arange(n, device=dev)[:, None, None]
+    out = x.permute(0, 2, 3, 1)[bidx, sy.clamp(0, h - 1), sx.clamp(0, w - 1)]     # n, h, w, c
+    return (out * ok[..., None]).permute(0, 3, 1, 2)
+
+
+def _draws(recipe: Recipe, seed: int, epoch: int, n: int, h: int, w: int, device) -> dict:
+    """One model's augmentation draws for one epoch (n = examples it sees), seeded per model."""
+    rng = np.random.default_rng([int(seed), epoch, 7])
+    t = recipe.translate
+    d = {"flip": rng.random(n) < (0.5 if recipe.flip else 0.0),
+         "ty": rng.integers(-t, t + 1, n), "tx": rng.integers(-t, t + 1, n),
+         "cy": rng.integers(0, h, n), "cx": rng.integers(0, w, n)}
+    return {k: torch.as_tensor(v, device=device) for k, v in d.items()}
+
+
+def _augmenting(recipe: Recipe) -> bool:
+    return recipe.flip or recipe.translate > 0 or recipe.cutout > 0
 
 
 def init_stacked(make_model: Callable[[], nn.Module], seeds: Sequence[int]):
@@ -64,6 +139,8 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     """
     if len(subsets) != len(seeds):
         raise ValueError(f"{len(subsets)} subsets but {len(seeds)} seeds")
+    if any(True for _ in make_model().buffers()):
+        return _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch)
     sizes = {len(s) for s in subsets}
     if len(sizes) != 1:
         raise ValueError(f"models trained in one batch need equal subset sizes, got {sorted(sizes)}")
@@ -73,14 +150,16 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     device = x.device
     base, params = init_stacked(make_model, seeds)
     params = {k: v.to(device).requires_grad_(True) for k, v in params.items()}
-    opt = torch.optim.SGD(params.values(), lr=recipe.lr, momentum=recipe.momentum,
-                          nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    opts = make_optimizers(recipe, params.values())
+    amp = recipe.amp and device.type == "cuda"
 
     def loss_one(p, xb, yb):
-        logits = functional_call(base, p, (xb,))
-        return nn.functional.cross_entropy(logits, yb, label_smoothing=recipe.label_smoothing)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = functional_call(base, p, (xb,))
+        return nn.functional.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
 
     batched_loss = vmap(loss_one)
+    aug = _augmenting(recipe) and x.ndim == 4
     subsets_t = [np.asarray(s, dtype=np.int64) for s in subsets]
     steps_per_epoch = math.ceil(n_sub / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
@@ -89,12 +168,20 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
         order = np.stack([s[np.random.default_rng([int(seed), epoch]).permutation(n_sub)]
                           for s, seed in zip(subsets_t, seeds)])
         order = torch.from_numpy(order).to(device)
+        if aug:
+            draws = [_draws(recipe, seed, epoch, n_sub, x.shape[2], x.shape[3], device) for seed in seeds]
         running = 0.0
         for start in range(0, n_sub, recipe.batch_size):
             idx = order[:, start:start + recipe.batch_size]
+            opt, lr = current_optimizer(recipe, opts, step, total)
             for g in opt.param_groups:
-                g["lr"] = recipe.lr * lr_factor(recipe, step, total)
-            losses = batched_loss(params, x[idx], y[idx])
+                g["lr"] = lr
+            xb = x[idx]
+            if aug:
+                sl = slice(start, start + idx.shape[1])
+                xb = torch.stack([augment(xb[m], *(d[k][sl] for k in ("flip", "ty", "tx", "cy", "cx")),
+                                          recipe.cutout) for m, d in enumerate(draws)])
+            losses = batched_loss(params, xb, y[idx])
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
             opt.step()
@@ -105,14 +192,78 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     return {k: v.detach().cpu() for k, v in params.items()}
 
 
+def _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch):
+    """Models with running statistics (batch-norm) train one after another, same recipe, seeds
+    and orders; their parameters and buffers are stacked like the vmapped ones."""
+    device = x.device
+    amp = recipe.amp and device.type == "cuda"
+    states = []
+    for subset, seed in zip(subsets, seeds):
+        torch.manual_seed(int(seed))
+        model = make_model().to(device)
+        if recipe.channels_last and device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        opts = make_optimizers(recipe, model.parameters())
+        subset = np.asarray(subset, np.int64)
+        n_sub = len(subset)
+        total = math.ceil(n_sub / recipe.batch_size) * recipe.epochs
+        step = 0
+        for epoch in range(recipe.epochs):
+            model.train()
+            order = torch.from_numpy(subset[np.random.default_rng([int(seed), epoch]).permutation(n_sub)]).to(device)
+            draws = _draws(recipe, seed, epoch, n_sub, x.shape[2], x.shape[3], device) \
+                if _augmenting(recipe) and x.ndim == 4 else None
+            running = 0.0
+            for start in range(0, n_sub, recipe.batch_size):
+                idx = order[start:start + recipe.batch_size]
+                opt, lr = current_optimizer(recipe, opts, step, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                xb = x[idx]
+                if draws is not None:
+                    sl = slice(start, start + len(idx))
+                    xb = augment(xb, *(draws[k][sl] for k in ("flip", "ty", "tx", "cy", "cx")), recipe.cutout)
+                if recipe.channels_last and device.type == "cuda" and xb.ndim == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    logits = model(xb)
+                loss = nn.functional.cross_entropy(logits.float(), y[idx], label_smoothing=recipe.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += float(loss.detach())
+                step += 1
+            if on_epoch is not None:
+                on_epoch(epoch, running / math.ceil(n_sub / recipe.batch_size))
+        states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+
 @torch.no_grad()
 def predict_stacked(make_model: Callable[[], nn.Module], params: dict[str, torch.Tensor],
-                    x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Logits of every stacked model on every input: [M, N, C] (on x's device)."""
-    base = copy.deepcopy(make_model()).to("meta")
+                    x: torch.Tensor, chunk: int = 4096, tta_flip: bool = False) -> torch.Tensor:
+    """Logits of every stacked model on every input: [M, N, C] (on x's device).
+
+    ``params`` holds parameters and buffers (batch-norm statistics) stacked on a leading axis;
+    ``tta_flip`` averages the logits of each image and its mirror image."""
+    model = make_model().to(x.device)
     p = {k: v.to(x.device) for k, v in params.items()}
-    fn = vmap(lambda q, xb: functional_call(base, q, (xb,)), in_dims=(0, None))
-    return torch.cat([fn(p, x[i:i + chunk]) for i in range(0, len(x), chunk)], dim=1)
+    if any(True for _ in model.buffers()):
+        model.eval()
+        m = next(iter(p.values())).shape[0]
+        fn = lambda q, xb: torch.stack([torch.func.functional_call(model, {k: v[i] for k, v in q.items()}, (xb,))  # noqa: E731
+                                        for i in range(m)])
+    else:
+        base = copy.deepcopy(model).to("meta")
+        fn = vmap(lambda q, xb: functional_call(base, q, (xb,)), in_dims=(0, None))
+    out = []
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk]
+        logits = fn(p, xb)
+        if tta_flip and xb.ndim == 4:
+            logits = (logits + fn(p, xb.flip(-1))) / 2
+        out.append(logits)
+    return torch.cat(out, dim=1)
 
 
 def unstack(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

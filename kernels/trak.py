@@ -23,27 +23,39 @@ from kernels.models import margin
 # ---------------------------------------------------------------- per-example gradients
 
 
+def _split(model: nn.Module, state: dict[str, torch.Tensor]):
+    """Trainable parameters (differentiated) and the rest (batch-norm statistics, held fixed)."""
+    names = {k for k, _ in model.named_parameters()}
+    return ({k: v for k, v in state.items() if k in names}, {k: v for k, v in state.items() if k not in names})
+
+
 def per_example_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                       y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Gradient of the margin w.r.t. all parameters for every example: [N, P] (vmap, fast)."""
-    base = copy.deepcopy(model).to("meta")
+    """Gradient of the margin w.r.t. all parameters for every example: [N, P] (vmap, fast).
+
+    ``params`` may hold buffers too (batch-norm statistics): the model is evaluated in eval mode
+    with them fixed, and only parameters are differentiated."""
+    base = copy.deepcopy(model).to("meta").eval()
+    weights, fixed = _split(model, params)
 
     def f(p, xi, yi):
-        return margin(functional_call(base, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).squeeze(0)
+        return margin(functional_call(base, {**p, **fixed}, (xi.unsqueeze(0),)), yi.unsqueeze(0)).squeeze(0)
 
     g = vmap(grad(f), in_dims=(None, 0, 0))
     out = []
     for i in range(0, len(x), chunk):
-        gi = g(params, x[i:i + chunk], y[i:i + chunk])
-        out.append(torch.cat([gi[k].flatten(1) for k in params], dim=1))
+        gi = g(weights, x[i:i + chunk], y[i:i + chunk])
+        out.append(torch.cat([gi[k].flatten(1) for k in weights], dim=1))
     return torch.cat(out)
 
 
 def per_example_grads_reference(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                                 y: torch.Tensor) -> torch.Tensor:
     """Same as per_example_grads, one autograd backward per example."""
-    m = copy.deepcopy(model)
-    m.load_state_dict({k: v.clone() for k, v in params.items()})
+    m = copy.deepcopy(model).eval()
+    m.load_state_dict({k: v.clone() for k, v in params.items()}, strict=False)
+    weights, _ = _split(model, params)
+    params = weights
     rows = []
     for xi, yi in zip(x, y):
         m.zero_grad()
@@ -56,7 +68,7 @@ def per_example_grads_reference(model: nn.Module, params: dict[str, torch.Tensor
 def out_to_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
     """Q term: 1 - softmax(logits)[y] per example."""
-    base = copy.deepcopy(model).to("meta")
+    base = copy.deepcopy(model).to("meta").eval()
     logits = functional_call(base, params, (x,))
     return 1.0 - torch.softmax(logits, -1).gather(1, y.unsqueeze(1)).squeeze(1)
 

@@ -48,7 +48,7 @@ def detector_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarra
 def _retrain_without(spec, make_model, data, flagged, target):
     keep = np.flatnonzero(~flagged)
     params = train_stacked(make_model, data.x, data.y, [keep], [model_seed(spec, 10**6)], recipe_of(spec))
-    ev = evaluate(make_model, params, data, target)
+    ev = evaluate(make_model, params, data, target, spec.training.tta_flip)
     return float(ev["accuracy"][0]), float(ev["asr"][0])
 
 

@@ -66,8 +66,8 @@ class AttackSpec(_Section):
 
 
 class ModelSpec(_Section):
-    arch: Literal["logreg", "mlp", "small_cnn"] = "mlp"
-    hidden: int = Field(64, gt=0)
+    arch: Literal["logreg", "mlp", "small_cnn", "resnet9"] = "mlp"
+    hidden: int = Field(64, gt=0)        # width: hidden units, or channels of the first conv
 
 
 class TrainingSpec(_Section):
@@ -77,8 +77,27 @@ class TrainingSpec(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    schedule: Literal["triangular", "cosine", "constant"] = "triangular"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    schedule: Literal["triangular", "cosine", "step", "constant", "two_regime"] = "triangular"
+    peak_epoch_frac: float = Field(0.25, gt=0, lt=1)
+    step_milestones: list[float] = [0.5, 0.75]
+    step_gamma: float = Field(0.1, gt=0)
+    switch_frac: float = Field(0.75, gt=0, lt=1)     # two_regime: share of the large-step phase
+    small_lr: float = Field(0.005, gt=0)            # two_regime: small-step learning rate
+    flip: bool = False
+    translate: int = Field(0, ge=0)
+    cutout: int = Field(0, ge=0)
+    amp: bool = False                # bfloat16 autocast (CUDA only)
+    channels_last: bool = False      # (CUDA only)
+    tta_flip: bool = False           # flip test-time augmentation when evaluating
     models_per_batch: int = Field(128, gt=0)
+
+    @field_validator("step_milestones")
+    @classmethod
+    def _milestones(cls, v):
+        if any(not 0 < m < 1 for m in v) or list(v) != sorted(v):
+            raise ValueError(f"must be increasing fractions in (0, 1), got {v}")
+        return v
 
 
 class SubsetsSpec(_Section):

@@ -25,9 +25,9 @@ Log = Callable[[str], None]
 
 
 def recipe_of(spec: Spec) -> Recipe:
-    t = spec.training
-    return Recipe(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                  weight_decay=t.weight_decay, label_smoothing=t.label_smoothing, schedule=t.schedule)
+    t = spec.training.model_dump(exclude={"models_per_batch"})
+    t["step_milestones"] = tuple(t["step_milestones"])
+    return Recipe(**t)
 
 
 def recipe_hash(spec: Spec) -> str:
@@ -71,14 +71,14 @@ def make_model_fn(spec: Spec, in_shape, num_classes):
     return partial(build_model, spec.model.arch, tuple(in_shape), int(num_classes), spec.model.hidden)
 
 
-def evaluate(make_model, params, data: Data, target_class: int | None) -> dict[str, np.ndarray]:
-    logits = predict_stacked(make_model, params, data.xt)
+def evaluate(make_model, params, data: Data, target_class: int | None, tta_flip: bool = False) -> dict:
+    logits = predict_stacked(make_model, params, data.xt, tta_flip=tta_flip)
     out = {"accuracy": (logits.argmax(-1) == data.yt).float().mean(1).cpu().numpy(),
            "margins_test": margin(logits, data.yt.expand(logits.shape[0], -1)).cpu().numpy()}
     lt = predict_stacked(make_model, params, data.x)
     out["margins_train"] = margin(lt, data.y.expand(lt.shape[0], -1)).cpu().numpy()
     if data.xg is not None and target_class is not None:
-        lg = predict_stacked(make_model, params, data.xg)
+        lg = predict_stacked(make_model, params, data.xg, tta_flip=tta_flip)
         out["asr"] = (lg.argmax(-1) == target_class).float().mean(1).cpu().numpy()
     else:
         out["asr"] = np.full(logits.shape[0], np.nan)
@@ -111,7 +111,7 @@ def checkpoints(spec: Spec, store: ArtifactStore, exp: str, device: torch.device
     for gi, group in enumerate(groups):
         params = train_stacked(make_model, data.x, data.y, [subsets[i] for i in group],
                                [model_seed(spec, i) for i in group], recipe_of(spec))
-        ev = evaluate(make_model, params, data, target)
+        ev = evaluate(make_model, params, data, target, spec.training.tta_flip)
         for k, v in ev.items():
             results.setdefault(k, []).append(v)
         for k, v in params.items():

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -39,3 +40,72 @@ def test_margin_is_logit_minus_logsumexp_of_others():
     labels = torch.tensor([0, 2])
     expect = torch.tensor([2.0 - np.log(np.exp(0.5) + np.exp(-1.0)), 1.0 - np.log(np.exp(0.0) + np.exp(3.0))])
     torch.testing.assert_close(margin(logits, labels), expect.float())
+
+
+def test_schedules():
+    from kernels.train import lr_factor
+
+    r = Recipe(schedule="step", step_milestones=(0.5, 0.75), step_gamma=0.1)
+    assert [lr_factor(r, s, 100) for s in (0, 49, 50, 80)] == [1.0, 1.0, 0.1, pytest.approx(0.01)]
+    c = Recipe(schedule="cosine")
+    assert lr_factor(c, 0, 10) == 1.0 and lr_factor(c, 5, 10) == pytest.approx(0.5)
+    t = Recipe(schedule="triangular", peak_epoch_frac=0.25)
+    assert lr_factor(t, 25, 100) == 1.0 and lr_factor(t, 0, 100) == 0.0 and lr_factor(t, 100, 100) == 0.0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(Recipe(schedule="warp"), 0, 1)
+
+
+def test_two_regime_switches_from_plain_sgd_to_momentum_at_small_lr():
+    from kernels.train import current_optimizer, make_optimizers
+
+    r = Recipe(schedule="two_regime", lr=0.2, small_lr=0.01, switch_frac=0.6, momentum=0.9)
+    w = torch.nn.Parameter(torch.zeros(3))
+    opts = make_optimizers(r, [w])
+    assert len(opts) == 2 and opts[0].param_groups[0]["momentum"] == 0.0
+    first, lr0 = current_optimizer(r, opts, 10, 100)
+    second, lr1 = current_optimizer(r, opts, 60, 100)
+    assert first is opts[0] and lr0 == 0.2
+    assert second is opts[1] and second.param_groups[0]["momentum"] == 0.9 and lr1 == pytest.approx(0.01)
+
+
+def test_float_augmentation_matches_the_transform_references():
+    from kernels.train import augment
+    from kernels.transforms import Cutout, RandomHorizontalFlip, RandomTranslate
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 2, 9, 7)).astype(np.float32)
+    flip = np.array([0, 1, 0, 1, 1, 0], bool)
+    ty, tx = rng.integers(-2, 3, 6), rng.integers(-2, 3, 6)
+    cy, cx = rng.integers(0, 9, 6), rng.integers(0, 7, 6)
+    out = augment(torch.from_numpy(x), *(torch.from_numpy(a) for a in (flip, ty, tx, cy, cx)), 3).numpy()
+    for i in range(6):
+        img = x[i].transpose(1, 2, 0)
+        img = RandomHorizontalFlip.reference(img, flip[i])
+        img = RandomTranslate.reference(img, int(ty[i]), int(tx[i]), 0)
+        img = Cutout.reference(img, int(cy[i]), int(cx[i]), 3, 0)
+        np.testing.assert_array_equal(out[i], img.transpose(2, 0, 1))
+
+
+def test_augmented_model_in_a_batch_equals_model_alone():
+    x, y = _data(120)
+    make = lambda: build_model("small_cnn", (1, 4, 4), 3, 4)  # noqa: E731
+    subsets = [np.arange(0, 120, 2), np.arange(1, 120, 2)]
+    recipe = Recipe(epochs=2, batch_size=16, lr=0.05, flip=True, translate=1, cutout=2, schedule="cosine")
+    together = train_stacked(make, x, y, subsets, [5, 6], recipe)
+    alone = train_stacked(make, x, y, subsets[1:], [6], recipe)
+    for k in alone:
+        torch.testing.assert_close(together[k][1], alone[k][0], rtol=1e-5, atol=1e-6)
+
+
+def test_resnet9_trains_with_batchnorm_and_flip_tta():
+    x, y = _data(64)
+    x = x.repeat(1, 3, 4, 4)                                     # 3 x 16 x 16
+    make = lambda: build_model("resnet9", (3, 16, 16), 3, 8)  # noqa: E731
+    params = train_stacked(make, x, y, [np.arange(64), np.arange(32)], [0, 1],
+                           Recipe(epochs=2, batch_size=16, lr=0.05, optimizer="adam", label_smoothing=0.1))
+    assert "features.0.1.running_mean" in params and params["out.weight"].shape == (2, 3, 16)
+    assert not torch.equal(params["features.0.1.running_mean"][0], torch.zeros(8))
+    logits = predict_stacked(make, params, x, tta_flip=True)
+    assert logits.shape == (2, 64, 3) and torch.isfinite(logits).all()
+    single = predict_stacked(make, {k: v[:1] for k, v in params.items()}, x, tta_flip=True)
+    torch.testing.assert_close(single[0], logits[0])

@@ -46,3 +46,16 @@ def test_trak_recovers_linear_regression_influence():
     acc.add(x, x[:1], np.ones(60))
     tau = acc.scores()[0]
     np.testing.assert_allclose(tau, x @ np.linalg.inv(x.T @ x) @ x[0], rtol=1e-5)
+
+
+def test_per_example_grads_of_a_batchnorm_model_hold_statistics_fixed():
+    torch.manual_seed(0)
+    model = build_model("resnet9", (3, 16, 16), 4, 4)
+    model.train()
+    model(torch.randn(32, 3, 16, 16))          # move the running statistics off their defaults
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0])
+    fast = per_example_grads(model, state, x, y)
+    ref = per_example_grads_reference(model, state, x, y)
+    assert fast.shape == (5, sum(p.numel() for p in model.parameters()))
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
