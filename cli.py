@@ -68,14 +68,14 @@ def cmd_run(args) -> int:
 
     from dagster import DagsterInstance, materialize
 
-    from assets import ALL_ASSETS, experiments_partitions
+    from assets import ALL_ASSETS, ALL_CHECKS, experiments_partitions
     from definitions import make_resources
 
     instance = DagsterInstance.get()
     if not instance.has_dynamic_partition(experiments_partitions.name, spec.name):
         instance.add_dynamic_partitions(experiments_partitions.name, [spec.name])
     t0 = time.perf_counter()
-    result = materialize(ALL_ASSETS, partition_key=spec.name, instance=instance, raise_on_error=False,
+    result = materialize([*ALL_ASSETS, *ALL_CHECKS], partition_key=spec.name, instance=instance, raise_on_error=False,
                          resources=make_resources(home, path.parent),
                          run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}})
     elapsed = time.perf_counter() - t0

@@ -1,7 +1,15 @@
-"""Training: one model per subset mask (plus one on all data), and their outputs."""
+"""Training: one model per subset mask (plus one on all data), fanned out in shards.
 
-from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetSpec,
-                     MaterializeResult, multi_asset)
+The checkpoints and model_outputs assets are one graph: ``plan_training`` lists the models the
+store does not have yet and emits one dynamic output per shard, ``train_models`` trains a shard
+(the multiprocess executor runs shards in parallel processes, other executors on other
+machines), and ``collect_models`` gathers every model into the stacked checkpoint, the manifest
+and the margins.  A model already in the store is never trained again.
+"""
+import warnings
+
+from dagster import (AssetCheckResult, PreviewWarning, AssetCheckSeverity, AssetIn, AssetOut, DynamicOut, DynamicOutput, In, Nothing,
+                     OpExecutionContext, Out, Output, asset_check, graph_multi_asset, op)
 
 from assets.common import experiments_partitions, metadata
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
@@ -14,29 +22,73 @@ def at_chance(accuracy: float, chance: float) -> bool:
     return accuracy < chance + 0.1 * (1 - chance)
 
 
-@multi_asset(
-    specs=[AssetSpec("checkpoints", deps=["loader_files", "subset_masks"], group_name=GROUP,
-                     kinds={"pytorch", "safetensors"},
-                     description="Trained weights of every model (safetensors) and the model manifest."),
-           AssetSpec("model_outputs", deps=["loader_files", "subset_masks"], group_name=GROUP, kinds={"numpy"},
-                     description="Margin of every model on every test (and train) example.")],
-    check_specs=[AssetCheckSpec("models_above_chance", asset="checkpoints",
-                                description="No model's test accuracy is at chance level.")],
-    partitions_def=experiments_partitions, code_version="1")
-def checkpoints(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,
-                compute: ComputeResource):
+@op(ins={"loader_files": In(Nothing), "subset_masks": In(Nothing)}, out=DynamicOut(int))
+def plan_training(context: OpExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource):
+    """One dynamic output per shard of models still missing from the store."""
+    from ops import training
+
+    key = context.partition_key
+    for shard in training.plan_shards(experiments.load(key), store.get(), key, context.log.info):
+        yield DynamicOutput(shard, mapping_key=f"shard_{shard}")
+
+
+@op
+def train_models(context: OpExecutionContext, shard: int, experiments: ExperimentsResource,
+                 store: ArtifactStoreResource, compute: ComputeResource) -> int:
+    """Train one shard of models in lockstep and store each model under its key."""
+    from ops import training
+
+    key = context.partition_key
+    return training.train_shard(experiments.load(key), store.get(), key, shard, compute.torch_device(),
+                                context.log.info)
+
+
+@op(out={"checkpoints": Out(Nothing), "model_outputs": Out(Nothing)})
+def collect_models(context: OpExecutionContext, trained: list[int], experiments: ExperimentsResource,
+                   store: ArtifactStoreResource):
     from ops import training
 
     key = context.partition_key
     s = store.get()
-    summary = training.checkpoints(experiments.load(key), s, key, compute.torch_device(), context.log.info)
-    table = s.load_table(key, training.CKPT, "models.parquet")
-    low = table[[at_chance(a, summary["chance"]) for a in table["accuracy"]]]
-    yield MaterializeResult(asset_key="checkpoints", metadata=metadata(
-        summary, {"path": s.path(key, training.CKPT, "models.safetensors")}))
-    yield MaterializeResult(asset_key="model_outputs", metadata=metadata(
-        {"models": summary["models"]}, {"path": s.path(key, "model_outputs")}))
-    yield AssetCheckResult(check_name="models_above_chance", asset_key="checkpoints", passed=low.empty,
-                           severity=AssetCheckSeverity.ERROR,
-                           metadata={"models_at_chance": len(low), "chance": summary["chance"],
-                                     "min_accuracy": float(table["accuracy"].min())})
+    summary = training.collect_models(experiments.load(key), s, key, context.log.info)
+    summary["trained_this_run"] = int(sum(trained))
+    summary["reused"] = summary["models"] - summary["trained_this_run"]
+    context.add_output_metadata(metadata(summary, {"path": s.path(key, training.CKPT, "models.safetensors")}),
+                                output_name="checkpoints")
+    context.add_output_metadata(metadata({"models": summary["models"]}, {"path": s.path(key, "model_outputs")}),
+                                output_name="model_outputs")
+    yield Output(None, output_name="checkpoints")
+    yield Output(None, output_name="model_outputs")
+
+
+@graph_multi_asset(
+    outs={"checkpoints": AssetOut(group_name=GROUP, kinds={"pytorch", "safetensors"}, dagster_type=Nothing,
+                                  description="Every model's weights (safetensors, one file per model and "
+                                              "stacked) and the model manifest."),
+          "model_outputs": AssetOut(group_name=GROUP, kinds={"numpy"}, dagster_type=Nothing,
+                                    description="Margin of every model on every test (and train) example.")},
+    ins={"loader_files": AssetIn("loader_files", dagster_type=Nothing),
+         "subset_masks": AssetIn("subset_masks", dagster_type=Nothing)},
+    partitions_def=experiments_partitions)
+def checkpoints(loader_files, subset_masks):
+    trained = plan_training(loader_files=loader_files, subset_masks=subset_masks).map(train_models)
+    return collect_models(trained.collect())
+
+
+def _chance_check(context, store: ArtifactStoreResource) -> AssetCheckResult:
+    table = store.get().load_table(context.partition_key, "checkpoints", "models.parquet")
+    meta = store.get().load_json(context.partition_key, "training_set", "meta.json")
+    chance = 1.0 / len(meta["classes"])
+    low = table[[at_chance(a, chance) for a in table["accuracy"]]]
+    return AssetCheckResult(passed=low.empty, severity=AssetCheckSeverity.ERROR,
+                            metadata={"models_at_chance": len(low), "chance": chance,
+                                      "min_accuracy": float(table["accuracy"].min())})
+
+
+with warnings.catch_warnings():   # partitioned asset checks are a Dagster 1.13 preview feature
+    warnings.simplefilter("ignore", PreviewWarning)
+
+    @asset_check(asset="checkpoints", partitions_def=experiments_partitions,
+                 description="No model's test accuracy is at chance level.")
+    def models_above_chance(context, store: ArtifactStoreResource) -> AssetCheckResult:
+        return _chance_check(context, store)

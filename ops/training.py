@@ -89,57 +89,135 @@ def num_classes_of(store: ArtifactStore, exp: str) -> int:
     return len(store.load_json(exp, "training_set", "meta.json")["classes"])
 
 
-def checkpoints(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
-    data = Data(store, exp, device)
-    n_cls = num_classes_of(store, exp)
-    target = store.load_json(exp, "training_set", "meta.json")["target_class"]
-    make_model = make_model_fn(spec, data.in_shape, n_cls)
-    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
-    n = masks.shape[1]
-    if n != len(data.y):
-        raise ArtifactError(f"subset masks cover {n} examples but the train loader file has {len(data.y)}: "
-                            f"re-materialize subset_masks")
-    m_all = len(masks)
-    # jobs: every mask row, then one model on all data
-    subsets = [np.flatnonzero(r) for r in masks] + [np.arange(n)]
-    ids = list(range(m_all + 1))
-    per = spec.training.models_per_batch
-    results: dict[str, list] = {}
-    stacked: dict[str, list] = {}
-    t0 = time.perf_counter()
-    groups = [ids[i:min(i + per, m_all)] for i in range(0, m_all, per)] + [[m_all]]
-    for gi, group in enumerate(groups):
-        params = train_stacked(make_model, data.x, data.y, [subsets[i] for i in group],
-                               [model_seed(spec, i) for i in group], recipe_of(spec))
-        ev = evaluate(make_model, params, data, target, spec.training.tta_flip)
-        for k, v in ev.items():
-            results.setdefault(k, []).append(v)
-        for k, v in params.items():
-            stacked.setdefault(k, []).append(v)
-        done = group[-1] + 1
-        log(f"trained {done}/{m_all + 1} models ({time.perf_counter() - t0:.1f}s), "
-            f"mean test accuracy of this group {ev['accuracy'].mean():.3f}")
-    res = {k: np.concatenate(v) for k, v in results.items()}
-    params = {k: torch.cat(v) for k, v in stacked.items()}
-    meta = {"arch": spec.model.arch, "hidden": spec.model.hidden, "in_shape": json.dumps(list(data.in_shape)),
-            "num_classes": n_cls, "recipe_hash": recipe_hash(spec), "models": m_all + 1,
-            "norm": json.dumps(data.norm), "experiment": exp}
-    store.save_tensors(exp, CKPT, "models.safetensors", params, meta)
-    store.save_npy(exp, "model_outputs", "margins_test.npy", res["margins_test"].astype(np.float32))
-    store.save_npy(exp, "model_outputs", "margins_train.npy", res["margins_train"].astype(np.float32))
+# ------------------------------------------------------------------ the model store
+#
+# Every trained model is one safetensors file keyed by what determines it:
+#     checkpoints/models/<recipe hash>/<mask digest>-<seed>.safetensors
+# holding its parameters (and batch-norm statistics), its margins on the test and train
+# examples, and its manifest row in the metadata.  A model whose file exists is never trained
+# again: a crashed or repeated run trains only what is missing.
+
+
+def _jobs(spec: Spec, masks: np.ndarray) -> list[dict]:
+    """Every model of the experiment: one per mask row, then one on all training data."""
+    m_all, n = masks.shape
+    rows = list(masks) + [np.ones(n, bool)]
     roles = ["train"] * spec.subsets.num_models + ["heldout"] * spec.subsets.num_heldout + ["full"]
-    table = pd.DataFrame({
-        "experiment": exp, "model_id": ids, "role": roles,
-        "mask_index": pd.array(list(range(m_all)) + [None], dtype="Int64"),
-        "seed": [model_seed(spec, i) for i in ids],
-        "n_train_examples": [len(s) for s in subsets], "accuracy": res["accuracy"],
-        "attack_success_rate": res["asr"], "recipe_hash": recipe_hash(spec)})
+    rh = recipe_hash(spec)
+    jobs = []
+    for i, (row, role) in enumerate(zip(rows, roles)):
+        digest = hashlib.sha256(np.packbits(row).tobytes()).hexdigest()[:16]
+        seed = model_seed(spec, i)
+        jobs.append({"model_id": i, "role": role, "mask_index": i if i < m_all else None, "seed": seed,
+                     "size": int(row.sum()), "file": f"models/{rh}/{digest}-{seed}.safetensors"})
+    return jobs
+
+
+def _have(store: ArtifactStore, exp: str, job: dict) -> bool:
+    p = store.path(exp, CKPT, job["file"])
+    if not p.exists():
+        return False
+    try:
+        _, meta = store.load_tensors(exp, CKPT, job["file"])
+    except Exception:   # unreadable: train it again (the write was atomic, so this is rare)
+        return False
+    return meta.get("seed") == str(job["seed"])
+
+
+def plan_shards(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> list[int]:
+    """Split the models still missing into shards of ``models_per_batch`` equal-size subsets."""
+    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
+    jobs = _jobs(spec, masks)
+    missing = [j for j in jobs if not _have(store, exp, j)]
+    per = spec.training.models_per_batch
+    shards: list[list[int]] = []
+    for size in sorted({j["size"] for j in missing}):
+        ids = [j["model_id"] for j in missing if j["size"] == size]
+        shards += [ids[i:i + per] for i in range(0, len(ids), per)]
+    store.save_json(exp, CKPT, "plan.json", {"jobs": jobs, "shards": shards})
+    log(f"{len(jobs)} models: {len(jobs) - len(missing)} already trained, {len(missing)} to train "
+        f"in {len(shards)} shard(s)")
+    return list(range(len(shards)))
+
+
+def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: torch.device, log: Log) -> int:
+    """Train one shard of models in lockstep and store each model as it is keyed."""
+    plan = store.load_json(exp, CKPT, "plan.json")
+    jobs = [plan["jobs"][i] for i in plan["shards"][shard]]
+    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
+    data = Data(store, exp, device)
+    if masks.shape[1] != len(data.y):
+        raise ArtifactError(f"subset masks cover {masks.shape[1]} examples but the train loader file has "
+                            f"{len(data.y)}: re-materialize subset_masks")
+    meta = store.load_json(exp, "training_set", "meta.json")
+    make_model = make_model_fn(spec, data.in_shape, len(meta["classes"]))
+    subsets = [np.flatnonzero(masks[j["mask_index"]]) if j["mask_index"] is not None else np.arange(masks.shape[1])
+               for j in jobs]
+    t0 = time.perf_counter()
+    params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe_of(spec))
+    ev = evaluate(make_model, params, data, meta["target_class"], spec.training.tta_flip)
+    for i, job in enumerate(jobs):
+        tensors = {k: v[i].contiguous() for k, v in params.items()}
+        tensors["margins_test"] = torch.from_numpy(np.ascontiguousarray(ev["margins_test"][i], np.float32))
+        tensors["margins_train"] = torch.from_numpy(np.ascontiguousarray(ev["margins_train"][i], np.float32))
+        store.save_tensors(exp, CKPT, job["file"], tensors, {
+            "arch": spec.model.arch, "hidden": spec.model.hidden, "in_shape": json.dumps(list(data.in_shape)),
+            "num_classes": len(meta["classes"]), "recipe_hash": recipe_hash(spec), "seed": job["seed"],
+            "mask_index": job["mask_index"], "role": job["role"], "n_train_examples": job["size"],
+            "accuracy": float(ev["accuracy"][i]), "attack_success_rate": float(ev["asr"][i]),
+            "norm": json.dumps(data.norm)})
+    log(f"shard {shard}: trained {len(jobs)} models in {time.perf_counter() - t0:.1f}s, "
+        f"mean test accuracy {ev['accuracy'].mean():.3f}")
+    return len(jobs)
+
+
+def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
+    """Gather the experiment's models from the store into the stacked checkpoint, the manifest and
+    the model outputs that downstream stages read."""
+    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
+    jobs = _jobs(spec, masks)
+    missing = [j["model_id"] for j in jobs if not store.path(exp, CKPT, j["file"]).exists()]
+    if missing:
+        raise ArtifactError(f"models {missing[:5]}{'...' if len(missing) > 5 else ''} are not trained; "
+                            f"re-materialize checkpoints")
+    stacked: dict[str, list] = {}
+    rows, metas = [], None
+    for j in jobs:
+        tensors, meta = store.load_tensors(exp, CKPT, j["file"])
+        metas = meta
+        for k, v in tensors.items():
+            stacked.setdefault(k, []).append(v)
+        rows.append({"experiment": exp, "model_id": j["model_id"], "role": j["role"], "mask_index": j["mask_index"],
+                     "seed": j["seed"], "n_train_examples": j["size"], "accuracy": float(meta["accuracy"]),
+                     "attack_success_rate": float(meta["attack_success_rate"]), "recipe_hash": meta["recipe_hash"],
+                     "file": j["file"]})
+    margins_test = torch.stack(stacked.pop("margins_test")).numpy()
+    margins_train = torch.stack(stacked.pop("margins_train")).numpy()
+    params = {k: torch.stack(v) for k, v in stacked.items()}
+    store.save_tensors(exp, CKPT, "models.safetensors", params, {
+        "arch": spec.model.arch, "hidden": spec.model.hidden, "in_shape": metas["in_shape"],
+        "num_classes": metas["num_classes"], "recipe_hash": metas["recipe_hash"], "models": len(jobs),
+        "norm": metas["norm"], "experiment": exp})
+    store.save_npy(exp, "model_outputs", "margins_test.npy", margins_test)
+    store.save_npy(exp, "model_outputs", "margins_train.npy", margins_train)
+    table = pd.DataFrame(rows)
+    table["mask_index"] = table["mask_index"].astype("Int64")
     store.save_table(exp, CKPT, "models.parquet", table)
-    subset_acc = res["accuracy"][:m_all]
-    return {"models": m_all + 1, "seconds": round(time.perf_counter() - t0, 1),
-            "mean_subset_accuracy": float(subset_acc.mean()), "min_subset_accuracy": float(subset_acc.min()),
-            "full_accuracy": float(res["accuracy"][-1]), "full_attack_success": float(res["asr"][-1]),
-            "chance": 1.0 / n_cls}
+    acc = table["accuracy"].to_numpy()
+    n_cls = int(metas["num_classes"])
+    full = table[table["role"] == "full"].iloc[0]
+    log(f"collected {len(jobs)} models")
+    return {"models": len(jobs), "mean_subset_accuracy": float(acc[:-1].mean()),
+            "min_subset_accuracy": float(acc[:-1].min()), "full_accuracy": float(full["accuracy"]),
+            "full_attack_success": float(full["attack_success_rate"]), "chance": 1.0 / n_cls}
+
+
+def checkpoints(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
+    """Plan, train every shard, collect: the whole stage in one process."""
+    t0 = time.perf_counter()
+    for shard in plan_shards(spec, store, exp, log):
+        train_shard(spec, store, exp, shard, device, log)
+    return {**collect_models(spec, store, exp, log), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def load_models(spec: Spec, store: ArtifactStore, exp: str):

@@ -17,7 +17,8 @@ TABLES: dict[str, str] = {
         label INTEGER, original_label INTEGER, poisoned BOOLEAN""",
     "subset_masks": "experiment VARCHAR, mask_index INTEGER, role VARCHAR, size INTEGER",
     "models": """experiment VARCHAR, model_id INTEGER, role VARCHAR, mask_index INTEGER, seed BIGINT,
-        n_train_examples INTEGER, accuracy DOUBLE, attack_success_rate DOUBLE, recipe_hash VARCHAR""",
+        n_train_examples INTEGER, accuracy DOUBLE, attack_success_rate DOUBLE, recipe_hash VARCHAR,
+        file VARCHAR""",
     "model_outputs": "experiment VARCHAR, model_id INTEGER, target_index INTEGER, margin DOUBLE",
     "attributions": """experiment VARCHAR, method VARCHAR, target_index INTEGER, target_id VARCHAR,
         rank INTEGER, train_index INTEGER, train_id VARCHAR, score DOUBLE""",
@@ -49,8 +50,14 @@ SOURCES: dict[str, list[tuple[str, str]]] = {
 
 
 def create_tables(conn) -> None:
+    """Create missing tables, and add columns that a newer schema has to existing ones."""
     for name, cols in TABLES.items():
         conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        have = {r[0] for r in conn.execute(f"DESCRIBE {name}").fetchall()}
+        for col in (c.strip() for c in cols.split(",")):
+            col_name, col_type = col.split(None, 1)
+            if col_name not in have:
+                conn.execute(f"ALTER TABLE {name} ADD COLUMN {col_name} {col_type}")
 
 
 def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int]:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from dagster import materialize
 
-from assets import ALL_ASSETS
+from assets import ALL_ASSETS, ALL_CHECKS
 from definitions import make_resources
 
 TINY = {
@@ -34,7 +34,7 @@ def run(tmp_path, name, spec, home="home"):
     (exp_dir / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("experiments", [name])
-        result = materialize(ALL_ASSETS, partition_key=name, instance=instance, raise_on_error=False,
+        result = materialize([*ALL_ASSETS, *ALL_CHECKS], partition_key=name, instance=instance, raise_on_error=False,
                              resources=make_resources(tmp_path / home, exp_dir))
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     return result, checks, tmp_path / home
