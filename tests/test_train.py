@@ -91,10 +91,12 @@ def test_augmented_model_in_a_batch_equals_model_alone():
     make = lambda: build_model("small_cnn", (1, 4, 4), 3, 4)  # noqa: E731
     subsets = [np.arange(0, 120, 2), np.arange(1, 120, 2)]
     recipe = Recipe(epochs=2, batch_size=16, lr=0.05, flip=True, translate=1, cutout=2, schedule="cosine")
-    together = train_stacked(make, x, y, subsets, [5, 6], recipe)
-    alone = train_stacked(make, x, y, subsets[1:], [6], recipe)
+    together = train_stacked(make, x, y, subsets, [5, 6], recipe, lockstep=True)
+    alone = train_stacked(make, x, y, subsets[1:], [6], recipe, lockstep=True)
+    sequential = train_stacked(make, x, y, subsets[1:], [6], recipe, lockstep=False)
     for k in alone:
         torch.testing.assert_close(together[k][1], alone[k][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sequential[k][0], alone[k][0], rtol=1e-4, atol=1e-5)
 
 
 def test_resnet9_trains_with_batchnorm_and_flip_tta():
@@ -109,3 +111,13 @@ def test_resnet9_trains_with_batchnorm_and_flip_tta():
     assert logits.shape == (2, 64, 3) and torch.isfinite(logits).all()
     single = predict_stacked(make, {k: v[:1] for k, v in params.items()}, x, tta_flip=True)
     torch.testing.assert_close(single[0], logits[0])
+
+
+def test_lockstep_is_used_where_it_pays():
+    from kernels.train import lockstep_pays
+
+    cpu = torch.device("cpu")
+    assert lockstep_pays(build_model("mlp", (1, 4, 4), 3, 8), cpu)
+    assert not lockstep_pays(build_model("small_cnn", (1, 4, 4), 3, 4), cpu)
+    assert lockstep_pays(build_model("small_cnn", (1, 4, 4), 3, 4), torch.device("cuda"))
+    assert not lockstep_pays(build_model("resnet9", (3, 16, 16), 3, 4), torch.device("cuda"))

@@ -1,0 +1,78 @@
+"""Test accuracy of the small CNN on all of Fashion-MNIST with the spec's default recipe.
+
+    python bench/accuracy.py            # 60,000 train / 10,000 test, default recipe (30 epochs)
+    python bench/accuracy.py --quick    # 6,000 / 1,000, 3 epochs
+
+Trains through the engine (kernels/train.py, resident data) exactly as the checkpoints asset
+does, with `ops.spec.TrainingSpec()` defaults and `ModelSpec(arch="small_cnn")` width.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--hidden", type=int, default=32)
+    args = ap.parse_args()
+    import torch
+
+    from bench.lineage import machine
+    from kernels.models import build_model
+    from kernels.train import predict_stacked, train_stacked
+    from ops.sources import load_source
+    from ops.spec import DatasetSpec, TrainingSpec, parse_spec
+    from ops.training import recipe_of
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ds = DatasetSpec(source="fashion_mnist", limit_train=6000 if args.quick else None,
+                     limit_test=1000 if args.quick else None)
+    raw = load_source(ds, 0)
+    training = TrainingSpec(epochs=3) if args.quick else TrainingSpec()
+    spec = parse_spec({"name": "accuracy", "model": {"arch": "small_cnn", "hidden": args.hidden},
+                       "training": training.model_dump()})
+    x = torch.tensor(raw.images, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+    tr = ~raw.is_test
+    mean, std = float(x[tr].mean()), float(x[tr].std())
+    x = (x - mean) / std
+    y = torch.tensor(raw.labels)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y = x.to(device), y.to(device)
+    make = lambda: build_model("small_cnn", (1, 28, 28), 10, args.hidden)  # noqa: E731
+    t0 = time.perf_counter()
+    params = train_stacked(make, x[torch.from_numpy(tr).to(device)], y[torch.from_numpy(tr).to(device)],
+                           [np.arange(int(tr.sum()))], [0], recipe_of(spec),
+                           on_epoch=lambda e, loss: print(f"epoch {e + 1}: loss {loss:.4f}", flush=True))
+    seconds = time.perf_counter() - t0
+    te = torch.from_numpy(raw.is_test).to(device)
+    acc = (predict_stacked(make, params, x[te], tta_flip=spec.training.tta_flip).argmax(-1) == y[te]).float().mean().item()
+    print(f"small_cnn (hidden={args.hidden}) on {int(tr.sum())} Fashion-MNIST images, {spec.training.epochs} epochs: "
+          f"test accuracy {acc:.4f} ({int(raw.is_test.sum())} test images), {seconds:.0f}s")
+    out = {"bench": "accuracy", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "machine": machine(), "config": {"model": f"small_cnn hidden={args.hidden}",
+                                            "recipe": spec.training.model_dump(), "train": int(tr.sum()),
+                                            "test": int(raw.is_test.sum())},
+           "results": [{"case": "fmnist-full" if not args.quick else "fmnist-quick", "system": "provenance",
+                        "metric": "test_accuracy", "value": round(acc, 4), "runs": 1},
+                       {"case": "fmnist-full" if not args.quick else "fmnist-quick", "system": "provenance",
+                        "metric": "seconds", "value": round(seconds, 1), "runs": 1}],
+           "ratios": []}
+    name = "accuracy-quick.json" if args.quick else "accuracy.json"
+    (ROOT / "bench" / "results" / name).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
