@@ -145,19 +145,21 @@ def init_stacked(make_model: Callable[[], nn.Module], seeds: Sequence[int]):
 def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
                   subsets: Sequence[np.ndarray], seeds: Sequence[int], recipe: Recipe,
                   on_epoch: Callable[[int, float], None] | None = None,
-                  lockstep: bool | None = None) -> dict[str, torch.Tensor]:
+                  lockstep: bool | None = None, snapshots: dict | None = None) -> dict[str, torch.Tensor]:
     """Train one model per (subset, seed) in lockstep; returns stacked parameters [M, ...] on CPU.
 
     ``x``: model inputs [N, ...] already on the compute device; ``y``: labels [N].
     All subsets must have the same size (the masks of one experiment do).  ``lockstep`` forces
     (True) or avoids (False) the vmapped path; by default ``lockstep_pays`` decides.
+    ``snapshots``: a dict whose keys are epoch numbers (1-based); after each of those epochs the
+    stacked parameters are stored under the key (intermediate checkpoints, e.g. for TRAK).
     """
     if len(subsets) != len(seeds):
         raise ValueError(f"{len(subsets)} subsets but {len(seeds)} seeds")
     if lockstep is None:
         lockstep = lockstep_pays(make_model(), x.device)
     if not lockstep or any(True for _ in make_model().buffers()):
-        return _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch)
+        return _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch, snapshots)
     sizes = {len(s) for s in subsets}
     if len(sizes) != 1:
         raise ValueError(f"models trained in one batch need equal subset sizes, got {sorted(sizes)}")
@@ -206,15 +208,18 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
             step += 1
         if on_epoch is not None:
             on_epoch(epoch, running / steps_per_epoch)
+        if snapshots is not None and epoch + 1 in snapshots:
+            snapshots[epoch + 1] = {k: v.detach().cpu().clone() for k, v in params.items()}
     return {k: v.detach().cpu() for k, v in params.items()}
 
 
-def _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch):
+def _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch, snapshots=None):
     """Models with running statistics (batch-norm) train one after another, same recipe, seeds
     and orders; their parameters and buffers are stacked like the vmapped ones."""
     device = x.device
     amp = recipe.amp and device.type == "cuda"
     states = []
+    snaps: dict[int, list] = {e: [] for e in (snapshots or {})}
     for subset, seed in zip(subsets, seeds):
         torch.manual_seed(int(seed))
         model = make_model().to(device)
@@ -252,7 +257,11 @@ def _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch):
                 step += 1
             if on_epoch is not None:
                 on_epoch(epoch, running / math.ceil(n_sub / recipe.batch_size))
+            if epoch + 1 in snaps:
+                snaps[epoch + 1].append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    for e, per_model in snaps.items():
+        snapshots[e] = {k: torch.stack([s[k] for s in per_model]) for k in per_model[0]}
     return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
 

@@ -90,7 +90,15 @@ class TrainingSpec(_Section):
     amp: bool = False                # bfloat16 autocast (CUDA only)
     channels_last: bool = False      # (CUDA only)
     tta_flip: bool = False           # flip test-time augmentation when evaluating
+    save_epochs: list[int] = []      # also keep every model as it was after these epochs
     models_per_batch: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _save_epochs(self):
+        bad = [e for e in self.save_epochs if not 0 < e < self.epochs]
+        if bad:
+            raise ValueError(f"save_epochs: {bad} not within 1..{self.epochs - 1} (the last epoch is always kept)")
+        return self
 
     @field_validator("step_milestones")
     @classmethod

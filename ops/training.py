@@ -25,13 +25,14 @@ Log = Callable[[str], None]
 
 
 def recipe_of(spec: Spec) -> Recipe:
-    t = spec.training.model_dump(exclude={"models_per_batch"})
+    t = spec.training.model_dump(exclude={"models_per_batch", "save_epochs"})
     t["step_milestones"] = tuple(t["step_milestones"])
     return Recipe(**t)
 
 
 def recipe_hash(spec: Spec) -> str:
-    body = {"model": spec.model.model_dump(), "training": spec.training.model_dump(exclude={"models_per_batch"})}
+    body = {"model": spec.model.model_dump(),
+            "training": spec.training.model_dump(exclude={"models_per_batch", "save_epochs"})}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -113,9 +114,13 @@ def _jobs(spec: Spec, masks: np.ndarray) -> list[dict]:
     return jobs
 
 
-def _have(store: ArtifactStore, exp: str, job: dict) -> bool:
+def _epoch_file(file: str, epoch: int) -> str:
+    return file.replace(".safetensors", f"-e{epoch}.safetensors")
+
+
+def _have(store: ArtifactStore, exp: str, job: dict, save_epochs=()) -> bool:
     p = store.path(exp, CKPT, job["file"])
-    if not p.exists():
+    if not p.exists() or any(not store.path(exp, CKPT, _epoch_file(job["file"], e)).exists() for e in save_epochs):
         return False
     try:
         _, meta = store.load_tensors(exp, CKPT, job["file"])
@@ -128,7 +133,7 @@ def plan_shards(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> list[in
     """Split the models still missing into shards of ``models_per_batch`` equal-size subsets."""
     masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
     jobs = _jobs(spec, masks)
-    missing = [j for j in jobs if not _have(store, exp, j)]
+    missing = [j for j in jobs if not _have(store, exp, j, spec.training.save_epochs)]
     per = spec.training.models_per_batch
     shards: list[list[int]] = []
     for size in sorted({j["size"] for j in missing}):
@@ -154,7 +159,13 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
     subsets = [np.flatnonzero(masks[j["mask_index"]]) if j["mask_index"] is not None else np.arange(masks.shape[1])
                for j in jobs]
     t0 = time.perf_counter()
-    params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe_of(spec))
+    snapshots = {e: None for e in spec.training.save_epochs}
+    params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe_of(spec),
+                           snapshots=snapshots)
+    for e, snap in snapshots.items():   # intermediate checkpoints first: the final file marks a model done
+        for i, job in enumerate(jobs):
+            store.save_tensors(exp, CKPT, _epoch_file(job["file"], e), {k: v[i].contiguous() for k, v in snap.items()},
+                               {"arch": spec.model.arch, "seed": job["seed"], "epoch": e})
     ev = evaluate(make_model, params, data, meta["target_class"], spec.training.tta_flip)
     for i, job in enumerate(jobs):
         tensors = {k: v[i].contiguous() for k, v in params.items()}
@@ -198,6 +209,11 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
         "arch": spec.model.arch, "hidden": spec.model.hidden, "in_shape": metas["in_shape"],
         "num_classes": metas["num_classes"], "recipe_hash": metas["recipe_hash"], "models": len(jobs),
         "norm": metas["norm"], "experiment": exp})
+    for e in spec.training.save_epochs:      # intermediate checkpoints, stacked like the final ones
+        snaps = [store.load_tensors(exp, CKPT, _epoch_file(j["file"], e))[0] for j in jobs]
+        store.save_tensors(exp, CKPT, f"models-epoch{e}.safetensors",
+                           {k: torch.stack([t[k] for t in snaps]) for k in snaps[0]},
+                           {"arch": spec.model.arch, "hidden": spec.model.hidden, "epoch": e, "models": len(jobs)})
     store.save_npy(exp, "model_outputs", "margins_test.npy", margins_test)
     store.save_npy(exp, "model_outputs", "margins_train.npy", margins_train)
     table = pd.DataFrame(rows)

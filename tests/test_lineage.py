@@ -17,7 +17,7 @@ TINY = {
     "dataset": {"source": "digits", "limit_train": 300, "limit_test": 60},
     "attack": {"kind": "badnets", "target_class": 0, "poison_count": 20, "patch_size": 3},
     "model": {"arch": "mlp", "hidden": 32},
-    "training": {"epochs": 10, "batch_size": 32},
+    "training": {"epochs": 10, "batch_size": 32, "save_epochs": [5]},
     "subsets": {"num_models": 24, "num_heldout": 8},
     "trak": {"num_models": 4, "proj_dim": 32, "top_k": 5},
     "datamodels": {"n_lambdas": 4, "max_iter": 50},
@@ -86,6 +86,22 @@ def test_warehouse_holds_every_stage(tiny):
     assert sf[0] > 0.8 and sf[1] == 20
     assert checks == {"models_above_chance": True, "features_finite": True, "scores_finite": True,
                       "enough_heldout_models": True, "detector_flagged_something": checks["detector_flagged_something"]}
+
+
+def test_every_model_has_its_own_file_and_intermediate_checkpoint(tiny):
+    from safetensors import safe_open
+
+    _, _, home = tiny
+    ck = home / "artifacts" / "tiny" / "checkpoints"
+    files = sorted((ck / "models").rglob("*.safetensors"))
+    assert len([f for f in files if "-e5" in f.name]) == 33 and len(files) == 66
+    with safe_open(str(ck / "models-epoch5.safetensors"), "pt") as f:
+        assert f.get_tensor("fc1.weight").shape[0] == 33 and f.metadata()["epoch"] == "5"
+    with safe_open(str(next(f for f in files if "-e5" not in f.name)), "pt") as f:
+        meta = f.metadata()
+        assert {"seed", "recipe_hash", "accuracy", "mask_index", "role"} <= set(meta)
+        assert f.get_tensor("margins_test").shape == (60,)
+    assert q(home, "SELECT count(DISTINCT file) FROM models") == [(33,)]
 
 
 def test_readme_queries_answer(tiny):

@@ -121,3 +121,20 @@ def test_lockstep_is_used_where_it_pays():
     assert not lockstep_pays(build_model("small_cnn", (1, 4, 4), 3, 4), cpu)
     assert lockstep_pays(build_model("small_cnn", (1, 4, 4), 3, 4), torch.device("cuda"))
     assert not lockstep_pays(build_model("resnet9", (3, 16, 16), 3, 4), torch.device("cuda"))
+
+
+def test_snapshots_are_the_model_after_that_epoch():
+    x, y = _data(80)
+    make = lambda: build_model("mlp", (1, 4, 4), 3, 8)  # noqa: E731
+    subsets = [np.arange(0, 80, 2), np.arange(1, 80, 2)]
+    snaps = {2: None}
+    full = train_stacked(make, x, y, subsets, [1, 2], Recipe(epochs=4, batch_size=8, schedule="constant"), snapshots=snaps)
+    short = train_stacked(make, x, y, subsets, [1, 2], Recipe(epochs=2, batch_size=8, schedule="constant"))
+    for k in short:
+        torch.testing.assert_close(snaps[2][k], short[k])
+        assert not torch.equal(snaps[2][k], full[k])
+    seq = {2: None}
+    train_stacked(make, x, y, subsets, [1, 2], Recipe(epochs=4, batch_size=8, schedule="constant"), snapshots=seq,
+                  lockstep=False)
+    for k in short:
+        torch.testing.assert_close(seq[2][k], short[k], rtol=1e-4, atol=1e-5)

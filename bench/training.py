@@ -1,0 +1,185 @@
+"""Models per hour: provenance's training engine vs a plain PyTorch loop, side by side.
+
+The plain loop is what one writes by hand: one model at a time, batches from
+``torch.utils.data.DataLoader`` over a ``Subset`` of the training set, the same model, optimizer,
+learning-rate schedule, batch size and epochs.  The engine trains the same models from resident
+tensors (kernels/train.py): many in lockstep where that pays (small models), one after another
+where it does not (convolutions on the CPU, batch-norm models).  Same data, same α = 0.5 subsets;
+runs alternate (engine, plain, engine, plain, ...) after a warm-up; medians are reported.
+
+Cases (CPU):
+  fmnist-smallcnn  small CNN (width 32) on Fashion-MNIST (synthetic if not installed), α = 0.5
+  digits-mlp       the demo's MLP on scikit-learn digits, α = 0.5
+Case (GPU, when CUDA is present):
+  cifar-resnet9    ResNet-9 (the FFCV/datamodels recipe model) on CIFAR-shaped data, α = 0.5,
+                   bf16 autocast + channels-last; also compared with the arithmetic limit of the GPU
+
+    python bench/training.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kernels.models import build_model  # noqa: E402
+from kernels.train import Recipe, current_optimizer, make_optimizers, train_stacked  # noqa: E402
+
+RESNET9_FWD_GFLOP = 0.583   # per 32x32 image (shared/reference/training-speed.md §3)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def fashion(n=None):
+    p = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+    if p.exists():
+        x = np.frombuffer(gzip.open(p).read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+        y = np.frombuffer(gzip.open(p.with_name("train-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
+        what = "fashion_mnist"
+    else:
+        rng = np.random.default_rng(0)
+        x, y, what = rng.integers(0, 256, (60000, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60000), "synthetic"
+    x, y = x[:n], y[:n]
+    xf = torch.tensor(x, dtype=torch.float32) / 255.0
+    return (xf - xf.mean()) / xf.std(), torch.tensor(y.astype(np.int64)), what
+
+
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:, None] / 16.0, dtype=torch.float32)
+    return (x - x.mean()) / x.std(), torch.tensor(d.target), "digits"
+
+
+def plain_loop(make, x, y, subset, seed, recipe: Recipe, device):
+    """One model, the textbook way."""
+    torch.manual_seed(seed)
+    model = make().to(device)
+    if recipe.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opts = make_optimizers(recipe, model.parameters())
+    ds = torch.utils.data.Subset(torch.utils.data.TensorDataset(x, y), subset.tolist())
+    loader = torch.utils.data.DataLoader(ds, batch_size=recipe.batch_size, shuffle=True,
+                                         pin_memory=device.type == "cuda")
+    total, step = math.ceil(len(subset) / recipe.batch_size) * recipe.epochs, 0
+    for _ in range(recipe.epochs):
+        model.train()
+        for xb, yb in loader:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            opt, lr = current_optimizer(recipe, opts, step, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=recipe.amp and device.type == "cuda"):
+                loss = torch.nn.functional.cross_entropy(model(xb).float(), yb, label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return model
+
+
+def engine(make, x, y, subsets, seeds, recipe, device):
+    out = train_stacked(make, x.to(device), y.to(device), subsets, seeds, recipe)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def run_case(name, make, x, y, recipe, device, n_engine, runs):
+    rng = np.random.default_rng(0)
+    n = len(y)
+    subsets = [np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(n_engine)]
+    engine(make, x, y, subsets[:1], [0], Recipe(**{**recipe.__dict__, "epochs": 1}), device)   # warm-up
+    plain_loop(make, x, y, subsets[0], 0, Recipe(**{**recipe.__dict__, "epochs": 1}), device)
+    ours, plain = [], []
+    for r in range(runs):
+        t0 = time.perf_counter()
+        engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)), recipe, device)
+        ours.append(3600 * n_engine / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        plain_loop(make, x, y, subsets[0], r, recipe, device)
+        plain.append(3600 / (time.perf_counter() - t0))
+    return statistics.median(ours), statistics.median(plain), ours, plain
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    from bench.lineage import machine
+
+    runs = 1 if args.quick else args.runs
+    torch.set_num_threads(os.cpu_count() or 1)
+    results, ratios, rows, config = [], [], [], {}
+    cpu = torch.device("cpu")
+
+    x, y, what = fashion(6000 if args.quick else None)
+    rec = Recipe(epochs=1 if args.quick else 2, batch_size=64, lr=0.05)
+    cases = [("fmnist-smallcnn", lambda: build_model("small_cnn", (1, 28, 28), 10, 32), x, y, rec, cpu, 2, what)]
+    xd, yd, _ = digits()
+    cases.append(("digits-mlp", lambda: build_model("mlp", (1, 8, 8), 10, 64), xd, yd,
+                  Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if args.quick else 256, "digits"))
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        n = 10000 if args.quick else 50000
+        xc = torch.randn(n, 3, 32, 32)
+        yc = torch.randint(0, 10, (n,))
+        rr = Recipe(epochs=2 if args.quick else 4, batch_size=512, lr=0.5, label_smoothing=0.1, amp=True,
+                    channels_last=True)
+        cases.append(("cifar-resnet9", lambda: build_model("resnet9", (3, 32, 32), 10, 64), xc, yc, rr, gpu, 2,
+                      "random CIFAR-shaped"))
+    for name, make, xx, yy, recipe, device, n_engine, data in cases:
+        ours, plain, all_ours, all_plain = run_case(name, make, xx, yy, recipe, device, n_engine, runs)
+        config[name] = {"data": data, "examples": len(yy), "alpha": 0.5, "device": str(device),
+                        "engine_models_per_run": n_engine, "recipe": {k: v for k, v in recipe.__dict__.items()}}
+        results += [{"case": name, "system": "provenance", "metric": "models_per_hour", "value": round(ours, 1), "runs": runs},
+                    {"case": name, "system": "plain_pytorch", "metric": "models_per_hour", "value": round(plain, 1),
+                     "runs": runs}]
+        ratios.append({"case": name, "metric": "models_per_hour", "of": "provenance", "over": "plain_pytorch",
+                       "value": round(ours / plain, 2)})
+        rows.append((name, ours, plain, ours / plain, all_ours, all_plain))
+        if name == "cifar-resnet9":
+            gpu_name = torch.cuda.get_device_name(0)
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu_name), None)
+            flop = 3 * RESNET9_FWD_GFLOP * 1e9 * (len(yy) // 2) * recipe.epochs
+            limit = 3600 * peak * 1e12 / flop if peak else None
+            results.append({"case": name, "system": "arithmetic_limit", "metric": "models_per_hour",
+                            "value": round(limit, 1) if limit else None,
+                            "note": f"3 x {RESNET9_FWD_GFLOP} GFLOP/image x {len(yy) // 2} images x {recipe.epochs} "
+                                    f"epochs at {peak} dense bf16 TFLOP/s ({gpu_name})"})
+            if limit:
+                ratios.append({"case": name, "metric": "models_per_hour", "of": "provenance", "over": "arithmetic_limit",
+                               "value": round(ours / limit, 3)})
+    print(f"{'case':<18}{'provenance':>14}{'plain loop':>14}{'ratio':>8}   runs (models/hour)")
+    for name, o, p, r, ao, ap_ in rows:
+        print(f"{name:<18}{o:>14,.0f}{p:>14,.0f}{r:>8.2f}   {[round(v) for v in ao]} / {[round(v) for v in ap_]}")
+    for r in ratios:
+        if r["over"] == "arithmetic_limit":
+            print(f"{r['case']}: provenance at {r['value']:.1%} of the GPU's arithmetic limit")
+    out = {"bench": "training", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "machine": machine(), "config": config, "results": results, "ratios": ratios}
+    gpu_tag = ("-" + torch.cuda.get_device_name(0).split()[1].lower()) if torch.cuda.is_available() else ""
+    dest = ROOT / "bench" / "results" / f"training{gpu_tag}{'-quick' if args.quick else ''}.json"
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
