@@ -67,10 +67,7 @@ def provenance_epoch_factory(path, bs, workers):
     loader = Loader(path, bs, pipelines={"image": pipe}, order="random", seed=0)
 
     def epoch():
-        n = 0
-        for b in loader:
-            n += b["image"].shape[0]
-        return n
+        return sum(b["image"].shape[0] for b in loader)
     return epoch
 
 
@@ -97,12 +94,13 @@ def ffcv_epoch_factory(images, labels, tmp, bs, workers):
                  "label": [IntDecoder(), ToTensor(), Squeeze()]}
     loader = Loader(path, batch_size=bs, num_workers=workers, order=OrderOption.RANDOM, pipelines=pipelines,
                     drop_last=False, seed=0)
+    return _epoch_of(loader)
 
+
+def _epoch_of(loader):
+    """One full pass over a loader yielding (images, labels); returns the number of images."""
     def epoch():
-        n = 0
-        for x, _ in loader:
-            n += x.shape[0]
-        return n
+        return sum(x.shape[0] for x, _ in loader)
     return epoch
 
 
@@ -128,13 +126,7 @@ def torch_epoch_factory(images, labels, bs, workers):
                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     loader = torch.utils.data.DataLoader(_TorchDS(images, labels, tf), batch_size=bs, shuffle=True,
                                          num_workers=workers, persistent_workers=True)
-
-    def epoch():
-        n = 0
-        for x, _ in loader:
-            n += x.shape[0]
-        return n
-    return epoch
+    return _epoch_of(loader)
 
 
 def machine():
