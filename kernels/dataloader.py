@@ -132,8 +132,11 @@ class Loader:
                                    for f in self.fields}
         return self._resident_data
 
-    def fetch(self, idx, params: dict | None = None, field_params: dict | None = None) -> dict:
-        """Transform examples ``idx`` (any shape) on the device, from the resident copy."""
+    def fetch(self, idx, params: dict | None = None) -> dict:
+        """Transform examples ``idx`` (any shape) on the device, from the resident copy.
+
+        ``params``: {field: draws of its Pipeline}; a field without draws gets none (no flip,
+        no shift, no cutout), which makes ``fetch`` the plain normalize/convert of a split."""
         data = self._resident()
         idx_t = torch.as_tensor(idx, device=self.device, dtype=torch.long)
         out = {}
@@ -143,8 +146,7 @@ class Loader:
                 out[f] = data[f][idx_t]
             else:
                 flat = idx_t.reshape(-1)
-                p = (field_params or {}).get(f, params or {})
-                res = torch_pipeline(pipe, data[f], flat, p)
+                res = torch_pipeline(pipe, data[f], flat, (params or {}).get(f, {}))
                 if pipe.channels_last and res.ndim == 4:
                     res = res.permute(0, 3, 1, 2)      # NCHW view over NHWC memory, as the threaded path
                 out[f] = res if idx_t.ndim == 1 else res.reshape(*idx_t.shape, *res.shape[1:])
@@ -154,7 +156,25 @@ class Loader:
         rng = np.random.default_rng([self.seed, epoch])
         for idx in self._batches(epoch):
             params = {f: p.draw(rng, len(idx), self.shapes[f]) for f, p in self.pipelines.items()}
-            yield self.fetch(idx, field_params=params)
+            yield self.fetch(idx, params)
+
+
+def source_coords(h: int, w: int, flip, ty, tx, cy, cx, cut: int):
+    """Where each output pixel of a flipped, translated, cut-out image comes from, in torch.
+
+    Inputs are [n] tensors of draws; returns (sy, sx, ok), each [n, h, w]: source row and
+    column (clamped into the image) and whether the pixel is read (False: fill value).  The
+    semantics are those of kernels/transforms.py."""
+    dev = ty.device
+    ys = torch.arange(h, device=dev)[None, :, None]
+    xs = torch.arange(w, device=dev)[None, None, :]
+    sy, sx = ys - ty[:, None, None], xs - tx[:, None, None]
+    ok = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+    if cut:
+        ly, lx = (cy - cut // 2)[:, None, None], (cx - cut // 2)[:, None, None]
+        ok &= ~((ys >= ly) & (ys < ly + cut) & (xs >= lx) & (xs < lx + cut))
+    sx = torch.where(flip[:, None, None], w - 1 - sx, sx)
+    return sy.clamp(0, h - 1), sx.clamp(0, w - 1), ok
 
 
 def torch_pipeline(pipe: Pipeline, data: torch.Tensor, idx: torch.Tensor, params: dict) -> torch.Tensor:
@@ -167,17 +187,8 @@ def torch_pipeline(pipe: Pipeline, data: torch.Tensor, idx: torch.Tensor, params
     n = len(idx)
     _, h, w, c = data.shape
     flip, ty, tx, cy, cx, cut, fill = pipe._geometry(params, n)
-    t = lambda a: torch.as_tensor(a, device=dev)  # noqa: E731
-    ys = torch.arange(h, device=dev)[None, :, None]
-    xs = torch.arange(w, device=dev)[None, None, :]
-    sy = ys - t(ty)[:, None, None]
-    sx = xs - t(tx)[:, None, None]
-    ok = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
-    if cut:
-        lo_y, lo_x = t(cy - cut // 2)[:, None, None], t(cx - cut // 2)[:, None, None]
-        ok &= ~((ys >= lo_y) & (ys < lo_y + cut) & (xs >= lo_x) & (xs < lo_x + cut))
-    sx = torch.where(t(flip)[:, None, None], w - 1 - sx, sx)
-    v = data[idx[:, None, None], sy.clamp(0, h - 1), sx.clamp(0, w - 1)].long()      # n, h, w, c
+    sy, sx, ok = source_coords(h, w, *(torch.as_tensor(a, device=dev) for a in (flip, ty, tx, cy, cx)), cut)
+    v = data[idx[:, None, None], sy, sx].long()      # n, h, w, c
     v = torch.where(ok[..., None], v, torch.full_like(v, fill))
     lut = torch.from_numpy(pipe._lut(c).view(np.float16) if pipe.dtype == np.float16 else pipe._lut(c)).to(dev)
     out = lut[v, torch.arange(c, device=dev)]

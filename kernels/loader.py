@@ -53,7 +53,7 @@ def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def _as_blocks(name, value, n_expected):
+def _as_blocks(name, value):
     """A field's value -> (descriptor without offsets, list of blocks to write)."""
     if isinstance(value, np.ndarray):
         a = np.ascontiguousarray(value)
@@ -83,7 +83,7 @@ def write_loader_file(path: str | os.PathLike, fields: Mapping[str, np.ndarray |
         raise LoaderFileError("a loader file needs at least one field")
     descs, blocks, n = [], [], None
     for name, value in fields.items():
-        d, bl, length = _as_blocks(name, value, n)
+        d, bl, length = _as_blocks(name, value)
         if n is None:
             n = length
         elif length != n:

@@ -90,18 +90,12 @@ def augment(x: torch.Tensor, flip: torch.Tensor, ty: torch.Tensor, tx: torch.Ten
             cx: torch.Tensor, cut: int) -> torch.Tensor:
     """Flip, translate (zero fill) and cutout (zero) a batch [N, C, H, W] of model inputs, with the
     semantics of kernels/transforms.py (zero is the mean pixel after normalization)."""
+    from kernels.dataloader import source_coords
+
     n, _, h, w = x.shape
-    dev = x.device
-    ys = torch.arange(h, device=dev)[None, :, None]
-    xs = torch.arange(w, device=dev)[None, None, :]
-    sy, sx = ys - ty[:, None, None], xs - tx[:, None, None]
-    ok = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
-    if cut:
-        ly, lx = (cy - cut // 2)[:, None, None], (cx - cut // 2)[:, None, None]
-        ok &= ~((ys >= ly) & (ys < ly + cut) & (xs >= lx) & (xs < lx + cut))
-    sx = torch.where(flip[:, None, None], w - 1 - sx, sx)
-    bidx = torch.arange(n, device=dev)[:, None, None]
-    out = x.permute(0, 2, 3, 1)[bidx, sy.clamp(0, h - 1), sx.clamp(0, w - 1)]     # n, h, w, c
+    sy, sx, ok = source_coords(h, w, flip, ty, tx, cy, cx, cut)
+    bidx = torch.arange(n, device=x.device)[:, None, None]
+    out = x.permute(0, 2, 3, 1)[bidx, sy, sx]     # n, h, w, c
     return (out * ok[..., None]).permute(0, 3, 1, 2)
 
 
@@ -156,9 +150,10 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     """
     if len(subsets) != len(seeds):
         raise ValueError(f"{len(subsets)} subsets but {len(seeds)} seeds")
+    probe = make_model()
     if lockstep is None:
-        lockstep = lockstep_pays(make_model(), x.device)
-    if not lockstep or any(True for _ in make_model().buffers()):
+        lockstep = lockstep_pays(probe, x.device)
+    if not lockstep or any(True for _ in probe.buffers()):
         return _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch, snapshots)
     sizes = {len(s) for s in subsets}
     if len(sizes) != 1:
@@ -187,8 +182,9 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
         order = np.stack([s[np.random.default_rng([int(seed), epoch]).permutation(n_sub)]
                           for s, seed in zip(subsets_t, seeds)])
         order = torch.from_numpy(order).to(device)
-        if aug:
-            draws = [_draws(recipe, seed, epoch, n_sub, x.shape[2], x.shape[3], device) for seed in seeds]
+        if aug:   # per model, stacked: {name: [M, n_sub]}
+            per_model = [_draws(recipe, seed, epoch, n_sub, x.shape[2], x.shape[3], device) for seed in seeds]
+            draws = {k: torch.stack([d[k] for d in per_model]) for k in per_model[0]}
         running = 0.0
         for start in range(0, n_sub, recipe.batch_size):
             idx = order[:, start:start + recipe.batch_size]
@@ -196,10 +192,11 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
             for g in opt.param_groups:
                 g["lr"] = lr
             xb = x[idx]
-            if aug:
+            if aug:   # all models' batches in one call
                 sl = slice(start, start + idx.shape[1])
-                xb = torch.stack([augment(xb[m], *(d[k][sl] for k in ("flip", "ty", "tx", "cy", "cx")),
-                                          recipe.cutout) for m, d in enumerate(draws)])
+                flat = augment(xb.flatten(0, 1), *(draws[k][:, sl].reshape(-1) for k in ("flip", "ty", "tx", "cy", "cx")),
+                               recipe.cutout)
+                xb = flat.reshape(xb.shape)
             losses = batched_loss(params, xb, y[idx])
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
@@ -214,8 +211,8 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
 
 
 def _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch, snapshots=None):
-    """Models with running statistics (batch-norm) train one after another, same recipe, seeds
-    and orders; their parameters and buffers are stacked like the vmapped ones."""
+    """Models one after another (batch-norm models; CNNs on the CPU), with the same recipe, seeds,
+    orders and draws as the lockstep path; parameters and buffers are stacked like its output."""
     device = x.device
     amp = recipe.amp and device.type == "cuda"
     states = []

@@ -281,8 +281,7 @@ class Pipeline:
     def _lut(self, channels: int) -> np.ndarray:
         if channels not in self._luts:
             norm = self.ops.get("Normalize")
-            table = _lut(norm.mean if norm else None, norm.std if norm else None, channels,
-                         np.float32 if self.dtype != np.uint8 else np.float32)
+            table = _lut(norm.mean if norm else None, norm.std if norm else None, channels, np.float32)
             if self.dtype == np.float16:
                 table = table.astype(np.float16).view(np.uint16)
             elif self.dtype == np.uint8:

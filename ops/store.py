@@ -110,6 +110,13 @@ class ArtifactStore:
                       metadata={k: str(v) for k, v in metadata.items()})
         return self.path(experiment, asset, name)
 
+    def tensor_metadata(self, experiment: str, asset: str, name: str) -> dict:
+        """A safetensors file's metadata, read from its header without loading tensors."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.require(experiment, asset, name)), framework="pt") as f:
+            return dict(f.metadata() or {})
+
     def load_tensors(self, experiment: str, asset: str, name: str) -> tuple[dict, dict]:
         from safetensors import safe_open
 

@@ -24,15 +24,19 @@ CKPT = "checkpoints"
 Log = Callable[[str], None]
 
 
+# training settings that do not change what a model is (so not part of its recipe or key)
+NOT_RECIPE = {"models_per_batch", "save_epochs"}
+
+
 def recipe_of(spec: Spec) -> Recipe:
-    t = spec.training.model_dump(exclude={"models_per_batch", "save_epochs"})
+    t = spec.training.model_dump(exclude=NOT_RECIPE)
     t["step_milestones"] = tuple(t["step_milestones"])
     return Recipe(**t)
 
 
 def recipe_hash(spec: Spec) -> str:
     body = {"model": spec.model.model_dump(),
-            "training": spec.training.model_dump(exclude={"models_per_batch", "save_epochs"})}
+            "training": spec.training.model_dump(exclude=NOT_RECIPE)}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -76,7 +80,7 @@ def evaluate(make_model, params, data: Data, target_class: int | None, tta_flip:
     logits = predict_stacked(make_model, params, data.xt, tta_flip=tta_flip)
     out = {"accuracy": (logits.argmax(-1) == data.yt).float().mean(1).cpu().numpy(),
            "margins_test": margin(logits, data.yt.expand(logits.shape[0], -1)).cpu().numpy()}
-    lt = predict_stacked(make_model, params, data.x)
+    lt = predict_stacked(make_model, params, data.x, tta_flip=tta_flip)
     out["margins_train"] = margin(lt, data.y.expand(lt.shape[0], -1)).cpu().numpy()
     if data.xg is not None and target_class is not None:
         lg = predict_stacked(make_model, params, data.xg, tta_flip=tta_flip)
@@ -84,10 +88,6 @@ def evaluate(make_model, params, data: Data, target_class: int | None, tta_flip:
     else:
         out["asr"] = np.full(logits.shape[0], np.nan)
     return out
-
-
-def num_classes_of(store: ArtifactStore, exp: str) -> int:
-    return len(store.load_json(exp, "training_set", "meta.json")["classes"])
 
 
 # ------------------------------------------------------------------ the model store
@@ -123,7 +123,7 @@ def _have(store: ArtifactStore, exp: str, job: dict, save_epochs=()) -> bool:
     if not p.exists() or any(not store.path(exp, CKPT, _epoch_file(job["file"], e)).exists() for e in save_epochs):
         return False
     try:
-        _, meta = store.load_tensors(exp, CKPT, job["file"])
+        meta = store.tensor_metadata(exp, CKPT, job["file"])   # the header only, not the weights
     except Exception:   # unreadable: train it again (the write was atomic, so this is rare)
         return False
     return meta.get("seed") == str(job["seed"])
@@ -226,14 +226,6 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
     return {"models": len(jobs), "mean_subset_accuracy": float(acc[:-1].mean()),
             "min_subset_accuracy": float(acc[:-1].min()), "full_accuracy": float(full["accuracy"]),
             "full_attack_success": float(full["attack_success_rate"]), "chance": 1.0 / n_cls}
-
-
-def checkpoints(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
-    """Plan, train every shard, collect: the whole stage in one process."""
-    t0 = time.perf_counter()
-    for shard in plan_shards(spec, store, exp, log):
-        train_shard(spec, store, exp, shard, device, log)
-    return {**collect_models(spec, store, exp, log), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def load_models(spec: Spec, store: ArtifactStore, exp: str):

@@ -84,8 +84,9 @@ def test_warehouse_holds_every_stage(tiny):
         ("spectral_signatures", 300), ("strongest_feature", 300)]
     sf = q(home, "SELECT auroc, n_poisoned FROM backdoor_summary WHERE method = 'strongest_feature'")[0]
     assert sf[0] > 0.8 and sf[1] == 20
-    assert checks == {"models_above_chance": True, "features_finite": True, "scores_finite": True,
-                      "enough_heldout_models": True, "detector_flagged_something": checks["detector_flagged_something"]}
+    assert set(checks) == {"models_above_chance", "features_finite", "scores_finite", "enough_heldout_models",
+                           "detector_flagged_something"}
+    assert all(passed for name, passed in checks.items() if name != "detector_flagged_something")
 
 
 def test_every_model_has_its_own_file_and_intermediate_checkpoint(tiny):
@@ -112,7 +113,9 @@ def test_readme_queries_answer(tiny):
     assert [r[0] for r in top] == [1, 2, 3, 4, 5]
     hits = q(home, """SELECT count(*) FILTER (WHERE flagged AND poisoned), count(*) FILTER (WHERE flagged)
                       FROM backdoor_scores WHERE experiment = 'tiny' AND method = 'strongest_feature'""")[0]
-    assert hits[0] <= hits[1]
+    p, n_flagged = q(home, "SELECT precision, n_flagged FROM backdoor_summary "
+                           "WHERE experiment = 'tiny' AND method = 'strongest_feature'")[0]
+    assert hits[1] == n_flagged and (n_flagged == 0 or hits[0] == round(p * n_flagged))
 
 
 def test_same_spec_same_artifacts(tiny):
