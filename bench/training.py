@@ -2,10 +2,16 @@
 
 The plain loop is what one writes by hand: one model at a time, batches from
 ``torch.utils.data.DataLoader`` over a ``Subset`` of the training set, the same model, optimizer,
-learning-rate schedule, batch size and epochs.  The engine trains the same models from resident
-tensors (kernels/train.py): many in lockstep where that pays (small models), one after another
-where it does not (convolutions on the CPU, batch-norm models).  Same data, same α = 0.5 subsets;
-runs alternate (engine, plain, engine, plain, ...) after a warm-up; medians are reported.
+learning-rate schedule, batch size and epochs, float32 in PyTorch's default layout, all cores on
+the one model.  The engine trains the same models from resident tensors (kernels/train.py): many
+in lockstep where that pays (small models); convolutional models on the CPU one per core,
+channels-last, with the numba ReLU + max-pool and, on CPUs with native bfloat16, bfloat16
+autocast (the recipe's ``amp="auto"``).  Same data, same α = 0.5 subsets; runs alternate (engine,
+plain, ...) after a warm-up; medians are reported.
+
+To show what the engine adds beyond precision and layout, the CNN case also runs the plain loop
+with the engine's precision and layout (bfloat16 autocast where the engine uses it,
+channels-last, hence also the numba pool): ``plain_pytorch_bf16_cl``.
 
 Cases (CPU):
   fmnist-smallcnn  small CNN (width 32) on Fashion-MNIST (synthetic if not installed), α = 0.5
@@ -36,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kernels.models import build_model  # noqa: E402
-from kernels.train import Recipe, current_optimizer, make_optimizers, train_stacked  # noqa: E402
+from kernels.train import Recipe, current_optimizer, make_optimizers, train_stacked, uses_bf16  # noqa: E402
 
 RESNET9_FWD_GFLOP = 0.583   # per 32x32 image (shared/reference/training-speed.md §3)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -64,11 +70,13 @@ def digits():
     return (x - x.mean()) / x.std(), torch.tensor(d.target), "digits"
 
 
-def plain_loop(make, x, y, subset, seed, recipe: Recipe, device):
-    """One model, the textbook way."""
+def plain_loop(make, x, y, subset, seed, recipe: Recipe, device, tuned=False):
+    """One model, the textbook way; ``tuned``: with the engine's precision and layout on the CPU."""
     torch.manual_seed(seed)
     model = make().to(device)
-    if recipe.channels_last and device.type == "cuda":
+    amp = (recipe.amp is True and device.type == "cuda") or (tuned and uses_bf16(recipe, model, device))
+    channels_last = (recipe.channels_last and device.type == "cuda") or tuned
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opts = make_optimizers(recipe, model.parameters())
     ds = torch.utils.data.Subset(torch.utils.data.TensorDataset(x, y), subset.tolist())
@@ -79,10 +87,12 @@ def plain_loop(make, x, y, subset, seed, recipe: Recipe, device):
         model.train()
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             opt, lr = current_optimizer(recipe, opts, step, total)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=recipe.amp and device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = torch.nn.functional.cross_entropy(model(xb).float(), yb, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -100,21 +110,27 @@ def engine(make, x, y, subsets, seeds, recipe, device):
     return out
 
 
-def run_case(name, make, x, y, recipe, device, n_engine, runs):
+def run_case(make, x, y, recipe, device, n_engine, runs, tuned_plain):
+    """Models per hour of each system, per run: {system: [runs]}."""
     rng = np.random.default_rng(0)
     n = len(y)
     subsets = [np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(n_engine)]
-    engine(make, x, y, subsets[:1], [0], Recipe(**{**recipe.__dict__, "epochs": 1}), device)   # warm-up
-    plain_loop(make, x, y, subsets[0], 0, Recipe(**{**recipe.__dict__, "epochs": 1}), device)
-    ours, plain = [], []
+    one_epoch = Recipe(**{**recipe.__dict__, "epochs": 1})
+    systems = {"provenance": lambda r: engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)),
+                                              recipe, device),
+               "plain_pytorch": lambda r: plain_loop(make, x, y, subsets[0], r, recipe, device)}
+    if tuned_plain:
+        systems["plain_pytorch_bf16_cl"] = lambda r: plain_loop(make, x, y, subsets[0], r, recipe, device, tuned=True)
+    models = {"provenance": n_engine}
+    engine(make, x, y, subsets[:1], [0], one_epoch, device)   # warm-up
+    plain_loop(make, x, y, subsets[0], 0, one_epoch, device, tuned=tuned_plain)
+    out = {s: [] for s in systems}
     for r in range(runs):
-        t0 = time.perf_counter()
-        engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)), recipe, device)
-        ours.append(3600 * n_engine / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        plain_loop(make, x, y, subsets[0], r, recipe, device)
-        plain.append(3600 / (time.perf_counter() - t0))
-    return statistics.median(ours), statistics.median(plain), ours, plain
+        for s, run in systems.items():
+            t0 = time.perf_counter()
+            run(r)
+            out[s].append(3600 * models.get(s, 1) / (time.perf_counter() - t0))
+    return out
 
 
 def main() -> int:
@@ -130,11 +146,12 @@ def main() -> int:
     cpu = torch.device("cpu")
 
     x, y, what = fashion(6000 if args.quick else None)
-    rec = Recipe(epochs=1 if args.quick else 2, batch_size=64, lr=0.05)
-    cases = [("fmnist-smallcnn", lambda: build_model("small_cnn", (1, 28, 28), 10, 32), x, y, rec, cpu, 2, what)]
+    rec = Recipe(epochs=1 if args.quick else 2, batch_size=64, lr=0.05)      # amp="auto", the default
+    cases = [("fmnist-smallcnn", lambda: build_model("small_cnn", (1, 28, 28), 10, 32), x, y, rec, cpu,
+              2 if args.quick else 4, what, True)]
     xd, yd, _ = digits()
     cases.append(("digits-mlp", lambda: build_model("mlp", (1, 8, 8), 10, 64), xd, yd,
-                  Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if args.quick else 256, "digits"))
+                  Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if args.quick else 256, "digits", False))
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         n = 10000 if args.quick else 50000
@@ -143,17 +160,18 @@ def main() -> int:
         rr = Recipe(epochs=2 if args.quick else 4, batch_size=512, lr=0.5, label_smoothing=0.1, amp=True,
                     channels_last=True)
         cases.append(("cifar-resnet9", lambda: build_model("resnet9", (3, 32, 32), 10, 64), xc, yc, rr, gpu, 2,
-                      "random CIFAR-shaped"))
-    for name, make, xx, yy, recipe, device, n_engine, data in cases:
-        ours, plain, all_ours, all_plain = run_case(name, make, xx, yy, recipe, device, n_engine, runs)
+                      "random CIFAR-shaped", False))
+    for name, make, xx, yy, recipe, device, n_engine, data, tuned in cases:
+        per_run = run_case(make, xx, yy, recipe, device, n_engine, runs, tuned)
+        med = {sys_: statistics.median(v) for sys_, v in per_run.items()}
         config[name] = {"data": data, "examples": len(yy), "alpha": 0.5, "device": str(device),
-                        "engine_models_per_run": n_engine, "recipe": {k: v for k, v in recipe.__dict__.items()}}
-        results += [{"case": name, "system": "provenance", "metric": "models_per_hour", "value": round(ours, 1), "runs": runs},
-                    {"case": name, "system": "plain_pytorch", "metric": "models_per_hour", "value": round(plain, 1),
-                     "runs": runs}]
-        ratios.append({"case": name, "metric": "models_per_hour", "of": "provenance", "over": "plain_pytorch",
-                       "value": round(ours / plain, 2)})
-        rows.append((name, ours, plain, ours / plain, all_ours, all_plain))
+                        "engine_models_per_run": n_engine, "recipe": {k: v for k, v in recipe.__dict__.items()},
+                        "engine_precision": "bf16" if uses_bf16(recipe, make(), device) else "fp32"}
+        results += [{"case": name, "system": sys_, "metric": "models_per_hour", "value": round(v, 1), "runs": runs}
+                    for sys_, v in med.items()]
+        ratios += [{"case": name, "metric": "models_per_hour", "of": "provenance", "over": sys_,
+                    "value": round(med["provenance"] / v, 2)} for sys_, v in med.items() if sys_ != "provenance"]
+        rows.append((name, med, per_run))
         if name == "cifar-resnet9":
             gpu_name = torch.cuda.get_device_name(0)
             peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu_name), None)
@@ -165,10 +183,12 @@ def main() -> int:
                                     f"epochs at {peak} dense bf16 TFLOP/s ({gpu_name})"})
             if limit:
                 ratios.append({"case": name, "metric": "models_per_hour", "of": "provenance", "over": "arithmetic_limit",
-                               "value": round(ours / limit, 3)})
-    print(f"{'case':<18}{'provenance':>14}{'plain loop':>14}{'ratio':>8}   runs (models/hour)")
-    for name, o, p, r, ao, ap_ in rows:
-        print(f"{name:<18}{o:>14,.0f}{p:>14,.0f}{r:>8.2f}   {[round(v) for v in ao]} / {[round(v) for v in ap_]}")
+                               "value": round(med["provenance"] / limit, 3)})
+    print(f"{'case':<18}{'system':<24}{'models/hour':>12}{'ratio':>8}   runs")
+    for name, med, per_run in rows:
+        for sys_, v in med.items():
+            ratio = "" if sys_ == "provenance" else f"{med['provenance'] / v:.2f}x"
+            print(f"{name:<18}{sys_:<24}{v:>12,.0f}{ratio:>8}   {[round(r) for r in per_run[sys_]]}")
     for r in ratios:
         if r["over"] == "arithmetic_limit":
             print(f"{r['case']}: provenance at {r['value']:.1%} of the GPU's arithmetic limit")

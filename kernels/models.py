@@ -10,7 +10,10 @@ import math
 import torch
 from torch import nn
 
+from kernels.pool import relu_maxpool2d
+
 ARCHS = ("logreg", "mlp", "small_cnn", "resnet9")
+TORCHVISION = "torchvision."   # arch "torchvision.<name>": any torchvision classification model
 
 
 class LogReg(nn.Module):
@@ -41,7 +44,9 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 conv blocks with max-pooling, then a linear head; for 28x28 and 32x32 images."""
+    """Two 3x3 conv blocks (conv, ReLU, 2x2 max-pool), then a linear head; for 28x28 and 32x32
+    images.  ReLU and max-pool commute; they run as one step (kernels/pool.py), which on the CPU
+    in channels-last layout is a numba kernel and elsewhere PyTorch's own ops."""
 
     def __init__(self, in_shape, num_classes, hidden=32):
         super().__init__()
@@ -51,8 +56,8 @@ class SmallCNN(nn.Module):
         self.out = nn.Linear(2 * hidden * (h // 4) * (w // 4), num_classes)
 
     def embed(self, x):
-        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = relu_maxpool2d(self.conv1(x))
+        x = relu_maxpool2d(self.conv2(x))
         return x.flatten(1)
 
     def forward(self, x):
@@ -96,8 +101,50 @@ class ResNet9(nn.Module):
         return self.out(self.embed(x)) * 0.2
 
 
+class TorchvisionNet(nn.Module):
+    """A torchvision classification model, randomly initialised (no download), for ``in_shape``
+    inputs: single-channel images are repeated to the three channels torchvision models expect.
+    ``embed`` is the input of the model's last linear layer (its penultimate features)."""
+
+    def __init__(self, name, in_shape, num_classes):
+        super().__init__()
+        import torchvision
+
+        if name not in torchvision_models():
+            raise ValueError(f"unknown torchvision model {name!r}; choose one of torchvision.models.list_models()")
+        kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        self.net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        self.repeat = 3 if in_shape[0] == 1 else 1
+        self.name = name
+
+    def forward(self, x):
+        out = self.net(x.repeat(1, self.repeat, 1, 1) if self.repeat > 1 else x)
+        return out.logits if hasattr(out, "logits") else out
+
+    def embed(self, x):
+        head = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+        if not head:
+            raise ValueError(f"torchvision model {self.name!r} has no linear head to take features before")
+        seen = {}
+        hook = head[-1].register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+        try:
+            self.forward(x)
+        finally:
+            hook.remove()
+        return seen["x"].flatten(1)
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def build_model(arch: str, in_shape: tuple, num_classes: int, hidden: int = 64) -> nn.Module:
-    """``in_shape`` is (C, H, W), the layout models receive; ``hidden`` is the width."""
+    """``in_shape`` is (C, H, W), the layout models receive; ``hidden`` is the width
+    (not used by torchvision models)."""
+    if arch.startswith(TORCHVISION):
+        return TorchvisionNet(arch[len(TORCHVISION):], in_shape, num_classes)
     if arch == "logreg":
         return LogReg(in_shape, num_classes)
     if arch == "mlp":
@@ -106,7 +153,7 @@ def build_model(arch: str, in_shape: tuple, num_classes: int, hidden: int = 64) 
         return SmallCNN(in_shape, num_classes, hidden)
     if arch == "resnet9":
         return ResNet9(in_shape, num_classes, hidden)
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS} or torchvision.<model name>")
 
 
 def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

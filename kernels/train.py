@@ -9,8 +9,11 @@ independent optimizers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -38,8 +41,8 @@ class Recipe:
     flip: bool = False              # augmentation: random horizontal flip
     translate: int = 0              # augmentation: random translate by up to this many pixels
     cutout: int = 0                 # augmentation: cutout square size
-    amp: bool = False               # bfloat16 autocast on CUDA
-    channels_last: bool = False     # channels-last activations on CUDA
+    amp: bool | str = "auto"        # bfloat16 autocast: True, False, or "auto" (see ``uses_bf16``)
+    channels_last: bool = False     # channels-last activations on CUDA (always on for CPU convolutions)
     tta_flip: bool = False          # evaluate on the image and its mirror, average the logits
 
 
@@ -113,6 +116,38 @@ def _augmenting(recipe: Recipe) -> bool:
     return recipe.flip or recipe.translate > 0 or recipe.cutout > 0
 
 
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates bfloat16 and it runs slower than float32.  Linux only (reads /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_bf16(recipe: Recipe, model: nn.Module, device: torch.device) -> bool:
+    """The precision a recipe trains at on this device.  ``amp=True``: bfloat16 autocast
+    (float32 master weights) everywhere; ``False``: float32; ``"auto"``: bfloat16 for
+    convolutional models where the hardware has native bfloat16 (CUDA GPUs that support it,
+    CPUs with AVX512-BF16/AMX), float32 for the rest (MLPs and logistic regression are too small
+    to gain).  The precision used is recorded with every checkpoint."""
+    if recipe.amp is True or recipe.amp is False:
+        return recipe.amp
+    if recipe.amp != "auto":
+        raise ValueError(f"amp: expected true, false or 'auto', got {recipe.amp!r}")
+    if not has_conv(model):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def lockstep_pays(model: nn.Module, device: torch.device) -> bool:
     """Whether to train a group of these models as one vmapped computation.
 
@@ -122,8 +157,7 @@ def lockstep_pays(model: nn.Module, device: torch.device) -> bool:
     """
     if any(True for _ in model.buffers()):
         return False
-    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return not (has_conv and device.type == "cpu")
+    return not (has_conv(model) and device.type == "cpu")
 
 
 def init_stacked(make_model: Callable[[], nn.Module], seeds: Sequence[int]):
@@ -165,10 +199,10 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     base, params = init_stacked(make_model, seeds)
     params = {k: v.to(device).requires_grad_(True) for k, v in params.items()}
     opts = make_optimizers(recipe, params.values())
-    amp = recipe.amp and device.type == "cuda"
+    amp = uses_bf16(recipe, probe, device)
 
     def loss_one(p, xb, yb):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = functional_call(base, p, (xb,))
         return nn.functional.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
 
@@ -212,54 +246,105 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
 
 def _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch, snapshots=None):
     """Models one after another (batch-norm models; CNNs on the CPU), with the same recipe, seeds,
-    orders and draws as the lockstep path; parameters and buffers are stacked like its output."""
+    orders and draws as the lockstep path; parameters and buffers are stacked like its output.
+
+    Convolutional models on the CPU run channels-last, with the numba ReLU + max-pool
+    (kernels/pool.py), and one model per core: each model on one intra-op thread, as many models
+    at a time as torch has threads.  One thread per model always, also for a lone model, so a
+    model's bits do not depend on how many models share its shard or on the machine's core count
+    (oneDNN's results change with the thread count).  Models draw their initialisation from the
+    global torch generator under a lock; models with random layers (dropout, stochastic depth)
+    would also draw while training, so they train one at a time."""
     device = x.device
-    amp = recipe.amp and device.type == "cuda"
-    states = []
-    snaps: dict[int, list] = {e: [] for e in (snapshots or {})}
-    for subset, seed in zip(subsets, seeds):
+    probe = make_model()
+    per_core = device.type == "cpu" and has_conv(probe)
+    amp = uses_bf16(recipe, probe, device)
+    lock = threading.Lock()
+    init_lock = threading.Lock()
+
+    def report(epoch, loss):
+        if on_epoch is not None:
+            with lock:
+                on_epoch(epoch, loss)
+
+    def one(job):
+        subset, seed = job
+        return _train_one(make_model, x, y, subset, seed, recipe, amp, per_core, report, snapshots or {}, init_lock)
+
+    jobs = list(zip(subsets, seeds))
+    if per_core:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            workers = 1 if has_random_layers(probe) else max(1, min(threads, len(jobs)))
+            with ThreadPoolExecutor(workers, thread_name_prefix="train") as pool:
+                results = list(pool.map(one, jobs))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        results = [one(j) for j in jobs]
+    for e in snapshots or {}:
+        snapshots[e] = {k: torch.stack([snaps[e][k] for _, snaps in results]) for k in results[0][0]}
+    return {k: torch.stack([state[k] for state, _ in results]) for k in results[0][0]}
+
+
+def has_random_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth"
+               for m in model.modules())
+
+
+def _train_one(make_model, x, y, subset, seed, recipe, amp, channels_last_cpu, report, snapshot_epochs,
+               init_lock=None):
+    """One model: returns its final state and {epoch: state} for the snapshot epochs."""
+    device = x.device
+    channels_last = channels_last_cpu or (recipe.channels_last and device.type == "cuda")
+    with init_lock or contextlib.nullcontext():     # the global generator: seed and draw atomically
         torch.manual_seed(int(seed))
         model = make_model().to(device)
-        if recipe.channels_last and device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        opts = make_optimizers(recipe, model.parameters())
-        subset = np.asarray(subset, np.int64)
-        n_sub = len(subset)
-        total = math.ceil(n_sub / recipe.batch_size) * recipe.epochs
-        step = 0
-        for epoch in range(recipe.epochs):
-            model.train()
-            order = torch.from_numpy(subset[np.random.default_rng([int(seed), epoch]).permutation(n_sub)]).to(device)
-            draws = _draws(recipe, seed, epoch, n_sub, x.shape[2], x.shape[3], device) \
-                if _augmenting(recipe) and x.ndim == 4 else None
-            running = 0.0
-            for start in range(0, n_sub, recipe.batch_size):
-                idx = order[start:start + recipe.batch_size]
-                opt, lr = current_optimizer(recipe, opts, step, total)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                xb = x[idx]
-                if draws is not None:
-                    sl = slice(start, start + len(idx))
-                    xb = augment(xb, *(draws[k][sl] for k in ("flip", "ty", "tx", "cy", "cx")), recipe.cutout)
-                if recipe.channels_last and device.type == "cuda" and xb.ndim == 4:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    logits = model(xb)
-                loss = nn.functional.cross_entropy(logits.float(), y[idx], label_smoothing=recipe.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                running += float(loss.detach())
-                step += 1
-            if on_epoch is not None:
-                on_epoch(epoch, running / math.ceil(n_sub / recipe.batch_size))
-            if epoch + 1 in snaps:
-                snaps[epoch + 1].append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    for e, per_model in snaps.items():
-        snapshots[e] = {k: torch.stack([s[k] for s in per_model]) for k in per_model[0]}
-    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opts = make_optimizers(recipe, model.parameters())
+    subset = np.asarray(subset, np.int64)
+    n_sub = len(subset)
+    steps_per_epoch = math.ceil(n_sub / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    step = 0
+    snaps = {}
+    for epoch in range(recipe.epochs):
+        model.train()
+        order = torch.from_numpy(subset[np.random.default_rng([int(seed), epoch]).permutation(n_sub)]).to(device)
+        draws = _draws(recipe, seed, epoch, n_sub, x.shape[2], x.shape[3], device) \
+            if _augmenting(recipe) and x.ndim == 4 else None
+        running = 0.0
+        for start in range(0, n_sub, recipe.batch_size):
+            idx = order[start:start + recipe.batch_size]
+            opt, lr = current_optimizer(recipe, opts, step, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            xb = x[idx]
+            if draws is not None:
+                sl = slice(start, start + len(idx))
+                xb = augment(xb, *(draws[k][sl] for k in ("flip", "ty", "tx", "cy", "cx")), recipe.cutout)
+            if channels_last and xb.ndim == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(xb)
+            loss = nn.functional.cross_entropy(logits.float(), y[idx], label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss.detach())
+            step += 1
+        report(epoch, running / steps_per_epoch)
+        if epoch + 1 in snapshot_epochs:
+            snaps[epoch + 1] = _plain_state(model)
+    return _plain_state(model), snaps
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the parameters and buffers, on the CPU, in the default (contiguous) layout."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()

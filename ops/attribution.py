@@ -16,26 +16,32 @@ from kernels.train import unstack
 from ops.data import MASKS
 from ops.spec import Spec
 from ops.store import ArtifactStore
-from ops.training import Data, load_models
+from ops.training import Data, load_models, load_snapshot
 
 FEAT, SCORES, DM, LDS = "gradient_features", "attribution_scores", "datamodel_weights", "lds_evaluation"
 Log = Callable[[str], None]
 
 
 def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
-    """Projected margin gradients of train and test examples, and Q, for the first M checkpoints."""
+    """Projected margin gradients of train and test examples, and Q, for the first M models: their
+    final checkpoints, then (``trak.checkpoint_epochs``) the same models after earlier epochs.
+    Every checkpoint is one member of TRAK's ensemble, with its own projection."""
     make_model, params, meta = load_models(spec, store, exp)
     data = Data(store, exp, device, norm=json.loads(meta["norm"]))
     model = make_model().to(device)
-    m, k = spec.trak.num_models, spec.trak.proj_dim
+    k, n_models = spec.trak.proj_dim, spec.trak.num_models
+    stacks = [("final", params)] + [(f"epoch {e}", load_snapshot(spec, store, exp, e))
+                                    for e in spec.trak.checkpoint_epochs]
+    members = [(stack, i) for _, stack in stacks for i in range(n_models)]
+    m = len(members)
     n, t = len(data.y), len(data.yt)
     t0 = time.perf_counter()
     finite = True
     with store.open_npy(exp, FEAT, "train.npy", (m, n, k), np.float32) as train, \
             store.open_npy(exp, FEAT, "test.npy", (m, t, k), np.float32) as test, \
             store.open_npy(exp, FEAT, "out_to_loss.npy", (m, n), np.float32) as q:
-        for i in range(m):
-            p = {kk: v.to(device) for kk, v in unstack(params, i).items()}
+        for i, (stack, j) in enumerate(members):
+            p = {kk: v.to(device) for kk, v in unstack(stack, j).items()}
             seed = spec.seed * 100_003 + i
             train[i] = featurize(model, p, data.x, data.y, k, seed).cpu().numpy()
             test[i] = featurize(model, p, data.xt, data.yt, k, seed).cpu().numpy()
@@ -44,7 +50,8 @@ def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.
             if (i + 1) % max(1, m // 8) == 0 or i + 1 == m:
                 log(f"featurized {i + 1}/{m} checkpoints ({time.perf_counter() - t0:.1f}s)")
     n_params = sum(v[0].numel() for v in params.values())
-    return {"checkpoints": m, "proj_dim": k, "train_examples": n, "test_examples": t,
+    return {"checkpoints": m, "models": n_models, "checkpoint_sets": [name for name, _ in stacks],
+            "proj_dim": k, "train_examples": n, "test_examples": t,
             "parameters": n_params, "finite": finite, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -7,6 +7,7 @@ run in ``validate_against_data``, which reads only labels.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -66,8 +67,25 @@ class AttackSpec(_Section):
 
 
 class ModelSpec(_Section):
-    arch: Literal["logreg", "mlp", "small_cnn", "resnet9"] = "mlp"
+    arch: str = "mlp"                    # logreg | mlp | small_cnn | resnet9 | torchvision.<name>
     hidden: int = Field(64, gt=0)        # width: hidden units, or channels of the first conv
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v):
+        from kernels.models import ARCHS, TORCHVISION, torchvision_models
+
+        if v in ARCHS:
+            return v
+        if v.startswith(TORCHVISION):
+            name = v[len(TORCHVISION):]
+            if name in torchvision_models():
+                return v
+            near = difflib.get_close_matches(name, torchvision_models(), n=3)
+            raise ValueError(f"no torchvision classification model {name!r}"
+                             + (f" (did you mean {', '.join(near)}?)" if near else ""))
+        raise ValueError(f"must be one of {', '.join(ARCHS)} or torchvision.<name> "
+                         f"(a torchvision.models classification model), got {v!r}")
 
 
 class TrainingSpec(_Section):
@@ -87,8 +105,8 @@ class TrainingSpec(_Section):
     flip: bool = False
     translate: int = Field(0, ge=0)
     cutout: int = Field(0, ge=0)
-    amp: bool = False                # bfloat16 autocast (CUDA only)
-    channels_last: bool = False      # (CUDA only)
+    amp: bool | Literal["auto"] = "auto"   # bfloat16 autocast; auto: for conv models on native-bf16 hardware
+    channels_last: bool = False      # CUDA; CPU convolutions always run channels-last
     tta_flip: bool = False           # flip test-time augmentation when evaluating
     save_epochs: list[int] = []      # also keep every model as it was after these epochs
     models_per_batch: int = Field(128, gt=0)
@@ -126,6 +144,8 @@ class TrakSpec(_Section):
     proj_dim: int = Field(256, gt=0)
     lam: float = Field(1e-2, ge=0)      # ridge, relative to the mean eigenvalue of ΦᵀΦ
     top_k: int = Field(20, gt=0)        # attributions kept per target in the warehouse
+    checkpoint_epochs: list[int] = []   # also featurize each model as it was after these epochs
+                                        # (from training.save_epochs): more ensemble members per model
 
 
 class DatamodelsSpec(_Section):
@@ -183,6 +203,13 @@ class Spec(_Section):
         if self.trak.num_models > self.subsets.num_models:
             raise ValueError(f"trak.num_models: {self.trak.num_models} exceeds subsets.num_models "
                              f"({self.subsets.num_models})")
+        kept = set(self.training.save_epochs)
+        missing = [e for e in self.trak.checkpoint_epochs if e not in kept]
+        if missing:
+            raise ValueError(f"trak.checkpoint_epochs: {missing} not in training.save_epochs "
+                             f"{sorted(kept)}; TRAK can only use checkpoints that training keeps")
+        if len(set(self.trak.checkpoint_epochs)) != len(self.trak.checkpoint_epochs):
+            raise ValueError(f"trak.checkpoint_epochs: {self.trak.checkpoint_epochs} repeats an epoch")
         return self
 
     def digest(self) -> str:

@@ -13,11 +13,11 @@ import pandas as pd
 import torch
 
 from kernels.dataloader import Loader
-from kernels.models import build_model, margin
+from kernels.models import TORCHVISION, build_model, margin
 from kernels.transforms import Normalize, Pipeline
-from kernels.train import Recipe, predict_stacked, train_stacked
+from kernels.train import Recipe, predict_stacked, train_stacked, uses_bf16
 from ops.data import MASKS, open_loader
-from ops.spec import Spec
+from ops.spec import Spec, SpecError
 from ops.store import ArtifactError, ArtifactStore
 
 CKPT = "checkpoints"
@@ -73,7 +73,15 @@ class Data:
 
 
 def make_model_fn(spec: Spec, in_shape, num_classes):
-    return partial(build_model, spec.model.arch, tuple(in_shape), int(num_classes), spec.model.hidden)
+    make = partial(build_model, spec.model.arch, tuple(in_shape), int(num_classes), spec.model.hidden)
+    if spec.model.arch.startswith(TORCHVISION):     # some need larger inputs (ViTs: 224x224): say so now
+        try:
+            with torch.no_grad():
+                make().eval()(torch.zeros(2, *in_shape))
+        except Exception as e:  # noqa: BLE001 — any failure means the model cannot take these inputs
+            raise SpecError(f"model.arch: {spec.model.arch} does not accept {'x'.join(map(str, in_shape))} "
+                            f"inputs: {e}") from e
+    return make
 
 
 def evaluate(make_model, params, data: Data, target_class: int | None, tta_flip: bool = False) -> dict:
@@ -159,6 +167,7 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
     subsets = [np.flatnonzero(masks[j["mask_index"]]) if j["mask_index"] is not None else np.arange(masks.shape[1])
                for j in jobs]
     t0 = time.perf_counter()
+    precision = "bf16" if uses_bf16(recipe_of(spec), make_model(), device) else "fp32"
     snapshots = {e: None for e in spec.training.save_epochs}
     params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe_of(spec),
                            snapshots=snapshots)
@@ -176,8 +185,8 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
             "num_classes": len(meta["classes"]), "recipe_hash": recipe_hash(spec), "seed": job["seed"],
             "mask_index": job["mask_index"], "role": job["role"], "n_train_examples": job["size"],
             "accuracy": float(ev["accuracy"][i]), "attack_success_rate": float(ev["asr"][i]),
-            "norm": json.dumps(data.norm)})
-    log(f"shard {shard}: trained {len(jobs)} models in {time.perf_counter() - t0:.1f}s, "
+            "norm": json.dumps(data.norm), "precision": precision})
+    log(f"shard {shard}: trained {len(jobs)} models ({precision}) in {time.perf_counter() - t0:.1f}s, "
         f"mean test accuracy {ev['accuracy'].mean():.3f}")
     return len(jobs)
 
@@ -201,7 +210,7 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
         rows.append({"experiment": exp, "model_id": j["model_id"], "role": j["role"], "mask_index": j["mask_index"],
                      "seed": j["seed"], "n_train_examples": j["size"], "accuracy": float(meta["accuracy"]),
                      "attack_success_rate": float(meta["attack_success_rate"]), "recipe_hash": meta["recipe_hash"],
-                     "file": j["file"]})
+                     "file": j["file"], "precision": meta.get("precision", "fp32")})
     margins_test = torch.stack(stacked.pop("margins_test")).numpy()
     margins_train = torch.stack(stacked.pop("margins_train")).numpy()
     params = {k: torch.stack(v) for k, v in stacked.items()}
@@ -226,6 +235,15 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
     return {"models": len(jobs), "mean_subset_accuracy": float(acc[:-1].mean()),
             "min_subset_accuracy": float(acc[:-1].min()), "full_accuracy": float(full["accuracy"]),
             "full_attack_success": float(full["attack_success_rate"]), "chance": 1.0 / n_cls}
+
+
+def load_snapshot(spec: Spec, store: ArtifactStore, exp: str, epoch: int) -> dict[str, torch.Tensor]:
+    """The experiment's models as they were after ``epoch`` (training.save_epochs), stacked."""
+    name = f"models-epoch{epoch}.safetensors"
+    if not store.path(exp, CKPT, name).exists():
+        raise ArtifactError(f"{store.path(exp, CKPT, name)} is missing: training.save_epochs must include {epoch} "
+                            f"when the checkpoints are made; re-materialize checkpoints")
+    return store.load_tensors(exp, CKPT, name)[0]
 
 
 def load_models(spec: Spec, store: ArtifactStore, exp: str):

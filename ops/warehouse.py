@@ -18,7 +18,7 @@ TABLES: dict[str, str] = {
     "subset_masks": "experiment VARCHAR, mask_index INTEGER, role VARCHAR, size INTEGER",
     "models": """experiment VARCHAR, model_id INTEGER, role VARCHAR, mask_index INTEGER, seed BIGINT,
         n_train_examples INTEGER, accuracy DOUBLE, attack_success_rate DOUBLE, recipe_hash VARCHAR,
-        file VARCHAR""",
+        file VARCHAR, precision VARCHAR""",
     "model_outputs": "experiment VARCHAR, model_id INTEGER, target_index INTEGER, margin DOUBLE",
     "attributions": """experiment VARCHAR, method VARCHAR, target_index INTEGER, target_id VARCHAR,
         rank INTEGER, train_index INTEGER, train_id VARCHAR, score DOUBLE""",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_lineage import TINY
+from tests.test_lineage import TINY, TINY_TRAK
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_lineage_job_fans_training_out_over_processes(tmp_path):
     exp_dir, home = tmp_path / "experiments", tmp_path / "home"
     exp_dir.mkdir()
-    spec = {**TINY, "training": {"epochs": 30, "batch_size": 32, "models_per_batch": 12}}
+    spec = {**TINY, "training": {"epochs": 30, "batch_size": 32, "models_per_batch": 12}, "trak": TINY_TRAK}
     (exp_dir / "fan.yaml").write_text(yaml.safe_dump(spec))
     (home / "dagster").mkdir(parents=True)
     (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")

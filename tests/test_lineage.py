@@ -19,11 +19,14 @@ TINY = {
     "model": {"arch": "mlp", "hidden": 32},
     "training": {"epochs": 10, "batch_size": 32, "save_epochs": [5]},
     "subsets": {"num_models": 24, "num_heldout": 8},
-    "trak": {"num_models": 4, "proj_dim": 32, "top_k": 5},
+    "trak": {"num_models": 4, "proj_dim": 32, "top_k": 5, "checkpoint_epochs": [5]},   # from save_epochs
     "datamodels": {"n_lambdas": 4, "max_iter": 50},
     "detector": {"restarts": 16},
     "lds": {"min_heldout": 5},
 }
+TINY_TRAK = {"num_models": 4, "proj_dim": 32, "top_k": 5}     # for specs that keep no intermediate epochs
+TINY_CNN = {**TINY, "model": {"arch": "small_cnn", "hidden": 8}, "training": {"epochs": 15, "batch_size": 32},
+            "trak": TINY_TRAK}
 
 
 def run(tmp_path, name, spec, home="home"):
@@ -103,6 +106,32 @@ def test_every_model_has_its_own_file_and_intermediate_checkpoint(tiny):
         assert {"seed", "recipe_hash", "accuracy", "mask_index", "role"} <= set(meta)
         assert f.get_tensor("margins_test").shape == (60,)
     assert q(home, "SELECT count(DISTINCT file) FROM models") == [(33,)]
+    assert q(home, "SELECT DISTINCT precision FROM models") == [("fp32",)]      # an MLP: float32 under "auto"
+
+
+def test_trak_ensembles_the_intermediate_checkpoints(tiny):
+    _, _, home = tiny
+    feats = np.load(home / "artifacts" / "tiny" / "gradient_features" / "train.npy", mmap_mode="r")
+    assert feats.shape == (8, 300, 32)            # 4 models x (final + epoch 5)
+    assert not np.allclose(feats[0], feats[4])    # the epoch-5 member is not the final model again
+
+
+def test_cnn_lineage_same_spec_same_artifacts(tmp_path):
+    """The CPU CNN path (one model per core, channels-last, numba pool, bf16 where native) through
+    the whole lineage, twice: the checkpoints agree bit for bit."""
+    from kernels.train import cpu_has_native_bf16
+
+    homes = []
+    for home in ("a", "b"):
+        result, checks, h = run(tmp_path, "tinycnn", TINY_CNN, home=home)
+        assert result.success and checks["models_above_chance"]
+        homes.append(h)
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert q(homes[0], "SELECT DISTINCT precision FROM models") == [(precision,)]
+    from safetensors.numpy import load_file
+
+    ta, tb = (load_file(h / "artifacts" / "tinycnn" / "checkpoints" / "models.safetensors") for h in homes)
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
 
 
 def test_readme_queries_answer(tiny):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_lineage import TINY
+from tests.test_lineage import TINY, TINY_TRAK
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def _models(home: Path) -> dict[Path, float]:
 
 
 def test_killed_run_resumes_training_only_missing_models(tmp_path):
-    spec = {**TINY, "training": {"epochs": 60, "batch_size": 32, "models_per_batch": 4}}
+    spec = {**TINY, "training": {"epochs": 60, "batch_size": 32, "models_per_batch": 4}, "trak": TINY_TRAK}
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(spec))
     home = tmp_path / "home"

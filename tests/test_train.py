@@ -90,13 +90,63 @@ def test_augmented_model_in_a_batch_equals_model_alone():
     x, y = _data(120)
     make = lambda: build_model("small_cnn", (1, 4, 4), 3, 4)  # noqa: E731
     subsets = [np.arange(0, 120, 2), np.arange(1, 120, 2)]
-    recipe = Recipe(epochs=2, batch_size=16, lr=0.05, flip=True, translate=1, cutout=2, schedule="cosine")
+    recipe = Recipe(epochs=2, batch_size=16, lr=0.05, flip=True, translate=1, cutout=2, schedule="cosine",
+                    amp=False)   # float32: the paths are compared to rounding error
     together = train_stacked(make, x, y, subsets, [5, 6], recipe, lockstep=True)
     alone = train_stacked(make, x, y, subsets[1:], [6], recipe, lockstep=True)
     sequential = train_stacked(make, x, y, subsets[1:], [6], recipe, lockstep=False)
     for k in alone:
         torch.testing.assert_close(together[k][1], alone[k][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sequential[k][0], alone[k][0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_cpu_cnn_in_a_concurrent_group_equals_it_alone_bit_for_bit(amp):
+    """CPU convolutional models train one per core, each on one thread: the result of a model does
+    not depend on its companions (or on the machine's core count), in float32 and in bfloat16."""
+    x, y = _data(96)
+    x = x.repeat(1, 1, 2, 2)                                     # 1 x 8 x 8
+    make = lambda: build_model("small_cnn", (1, 8, 8), 3, 4)  # noqa: E731
+    subsets = [np.arange(0, 96, 2), np.arange(1, 96, 2), np.arange(0, 48)]
+    recipe = Recipe(epochs=2, batch_size=16, lr=0.05, flip=True, translate=1, amp=amp)
+    threads = torch.get_num_threads()
+    together = train_stacked(make, x, y, subsets, [5, 6, 7], recipe)
+    torch.set_num_threads(1)
+    try:
+        alone = train_stacked(make, x, y, subsets[1:2], [6], recipe)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads                   # restored after training
+    for k in alone:
+        assert torch.equal(together[k][1], alone[k][0]), k
+        assert together[k].is_contiguous()
+    assert not torch.equal(together["conv1.weight"][0], together["conv1.weight"][1])
+
+
+def test_cpu_cnn_with_dropout_is_reproducible():
+    """Dropout draws from the global generator while training: such models train one at a time."""
+    from torch import nn
+
+    from kernels.train import has_random_layers
+
+    x, y = _data(64)
+    make = lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.5),  # noqa: E731
+                                 nn.Flatten(), nn.Linear(64, 3))
+    assert has_random_layers(make()) and not has_random_layers(build_model("small_cnn", (1, 8, 8), 3, 4))
+    subsets = [np.arange(0, 64, 2), np.arange(1, 64, 2)]
+    a, b = (train_stacked(make, x, y, subsets, [1, 2], Recipe(epochs=3, batch_size=8)) for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precision_rule():
+    from kernels.train import cpu_has_native_bf16, uses_bf16
+
+    cpu, cnn, mlp = torch.device("cpu"), build_model("small_cnn", (1, 8, 8), 3, 4), build_model("mlp", (1, 4, 4), 3, 8)
+    assert uses_bf16(Recipe(amp=True), mlp, cpu) and not uses_bf16(Recipe(amp=False), cnn, cpu)
+    assert not uses_bf16(Recipe(amp="auto"), mlp, cpu)
+    assert uses_bf16(Recipe(amp="auto"), cnn, cpu) == cpu_has_native_bf16()
+    with pytest.raises(ValueError, match="amp"):
+        uses_bf16(Recipe(amp="yes"), cnn, cpu)
 
 
 def test_resnet9_trains_with_batchnorm_and_flip_tta():
@@ -138,3 +188,27 @@ def test_snapshots_are_the_model_after_that_epoch():
                   lockstep=False)
     for k in short:
         torch.testing.assert_close(seq[2][k], short[k], rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_model_trains_predicts_and_embeds():
+    x, y = _data(48)
+    x = x.repeat(1, 1, 8, 8)                                      # 1 x 32 x 32, grayscale
+    make = lambda: build_model("torchvision.resnet18", (1, 32, 32), 3)  # noqa: E731
+    params = train_stacked(make, x, y, [np.arange(48), np.arange(24)], [0, 1], Recipe(epochs=1, batch_size=16))
+    assert params["net.fc.weight"].shape == (2, 3, 512) and "net.bn1.running_var" in params
+    logits = predict_stacked(make, params, x)
+    assert logits.shape == (2, 48, 3) and torch.isfinite(logits).all()
+    model = make().eval()
+    assert model.embed(x[:5]).shape == (5, 512)
+    with pytest.raises(ValueError, match="unknown torchvision model"):
+        build_model("torchvision.resnet1", (1, 32, 32), 3)
+
+
+def test_spec_names_torchvision_models():
+    from ops.spec import SpecError, parse_spec
+
+    assert parse_spec({"name": "t", "model": {"arch": "torchvision.mobilenet_v3_small"}}).model.arch.endswith("small")
+    with pytest.raises(SpecError, match="did you mean resnet18"):
+        parse_spec({"name": "t", "model": {"arch": "torchvision.resnet81"}})
+    with pytest.raises(SpecError, match="model.arch"):
+        parse_spec({"name": "t", "model": {"arch": "lenet"}})
