@@ -170,7 +170,9 @@ def main() -> int:
         results += [{"case": name, "system": sys_, "metric": "models_per_hour", "value": round(v, 1), "runs": runs}
                     for sys_, v in med.items()]
         ratios += [{"case": name, "metric": "models_per_hour", "of": "provenance", "over": sys_,
-                    "value": round(med["provenance"] / v, 2)} for sys_, v in med.items() if sys_ != "provenance"]
+                    "value": round(med["provenance"] / v, 2),   # ratio of medians; and per run, paired in time:
+                    "paired_runs": [round(a / b, 2) for a, b in zip(per_run["provenance"], per_run[sys_])]}
+                   for sys_, v in med.items() if sys_ != "provenance"]
         rows.append((name, med, per_run))
         if name == "cifar-resnet9":
             gpu_name = torch.cuda.get_device_name(0)
@@ -184,11 +186,13 @@ def main() -> int:
             if limit:
                 ratios.append({"case": name, "metric": "models_per_hour", "of": "provenance", "over": "arithmetic_limit",
                                "value": round(med["provenance"] / limit, 3)})
-    print(f"{'case':<18}{'system':<24}{'models/hour':>12}{'ratio':>8}   runs")
+    print(f"{'case':<18}{'system':<24}{'models/hour':>12}{'ratio':>8}   runs [paired ratios]")
     for name, med, per_run in rows:
         for sys_, v in med.items():
             ratio = "" if sys_ == "provenance" else f"{med['provenance'] / v:.2f}x"
-            print(f"{name:<18}{sys_:<24}{v:>12,.0f}{ratio:>8}   {[round(r) for r in per_run[sys_]]}")
+            paired = "" if sys_ == "provenance" else \
+                f" [{', '.join(f'{a / b:.2f}' for a, b in zip(per_run['provenance'], per_run[sys_]))}]"
+            print(f"{name:<18}{sys_:<24}{v:>12,.0f}{ratio:>8}   {[round(r) for r in per_run[sys_]]}{paired}")
     for r in ratios:
         if r["over"] == "arithmetic_limit":
             print(f"{r['case']}: provenance at {r['value']:.1%} of the GPU's arithmetic limit")
