@@ -118,6 +118,13 @@ class TrainingSpec(_Section):
             raise ValueError(f"save_epochs: {bad} not within 1..{self.epochs - 1} (the last epoch is always kept)")
         return self
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp(cls, v):
+        if v is True or v is False or v == "auto":
+            return v
+        raise ValueError(f"must be true, false or auto, got {v!r}")
+
     @field_validator("step_milestones")
     @classmethod
     def _milestones(cls, v):

@@ -169,8 +169,16 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
     t0 = time.perf_counter()
     precision = "bf16" if uses_bf16(recipe_of(spec), make_model(), device) else "fp32"
     snapshots = {e: None for e in spec.training.save_epochs}
+    last = [t0]
+
+    def progress(epoch: int, loss: float):   # at most every 15 s: models one per core report their own epochs
+        now = time.perf_counter()
+        if now - last[0] >= 15:
+            last[0] = now
+            log(f"shard {shard}: epoch {epoch + 1}/{spec.training.epochs}, loss {loss:.4f} ({now - t0:.0f}s)")
+
     params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe_of(spec),
-                           snapshots=snapshots)
+                           on_epoch=progress, snapshots=snapshots)
     for e, snap in snapshots.items():   # intermediate checkpoints first: the final file marks a model done
         for i, job in enumerate(jobs):
             store.save_tensors(exp, CKPT, _epoch_file(job["file"], e), {k: v[i].contiguous() for k, v in snap.items()},

@@ -29,6 +29,10 @@ def test_demo_spec_is_valid():
     ({"dataset": {"source": "image_folder"}}, "dataset.path", "required"),
     ({"attack": {"kind": "badnets"}}, "attack.poison_count", "must be > 0"),
     ({"trak": {"num_models": 500}}, "trak.num_models", "exceeds subsets.num_models"),
+    ({"training": {"amp": "sometimes"}}, "training.amp", "auto"),
+    ({"training": {"save_epochs": [10]}, "trak": {"checkpoint_epochs": [10, 20]}}, "trak.checkpoint_epochs",
+     "[20] not in training.save_epochs"),
+    ({"model": {"arch": "torchvision.resnet81"}}, "model.arch", "did you mean resnet18"),
 ])
 def test_bad_specs_are_refused_naming_the_key(tmp_path, body, key, words):
     p = _write(tmp_path, "bad", body)
