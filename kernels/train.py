@@ -356,12 +356,25 @@ def predict_stacked(make_model: Callable[[], nn.Module], params: dict[str, torch
     """Logits of every stacked model on every input: [M, N, C] (on x's device).
 
     ``params`` holds parameters and buffers (batch-norm statistics) stacked on a leading axis;
-    ``tta_flip`` averages the logits of each image and its mirror image."""
+    ``tta_flip`` averages the logits of each image and its mirror image.  Convolutional models on
+    the CPU run one after another in channels-last layout (vmapped, their convolutions become
+    grouped ones: 6.5x slower for the small CNN), other models without buffers run vmapped."""
     model = make_model().to(x.device)
     p = {k: v.to(x.device) for k, v in params.items()}
-    if any(True for _ in model.buffers()):
+    m = next(iter(p.values())).shape[0]
+    if x.device.type == "cpu" and has_conv(model):
+        model = model.eval().to(memory_format=torch.channels_last)
+        chunk = min(chunk, 512)
+
+        def fn(q, xb):
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            outs = []
+            for i in range(m):
+                model.load_state_dict({k: v[i] for k, v in q.items()})
+                outs.append(model(xb))
+            return torch.stack(outs)
+    elif any(True for _ in model.buffers()):
         model.eval()
-        m = next(iter(p.values())).shape[0]
         fn = lambda q, xb: torch.stack([torch.func.functional_call(model, {k: v[i] for k, v in q.items()}, (xb,))  # noqa: E731
                                         for i in range(m)])
     else:

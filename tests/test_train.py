@@ -212,3 +212,21 @@ def test_spec_names_torchvision_models():
         parse_spec({"name": "t", "model": {"arch": "torchvision.resnet81"}})
     with pytest.raises(SpecError, match="model.arch"):
         parse_spec({"name": "t", "model": {"arch": "lenet"}})
+
+
+def test_cpu_cnn_prediction_equals_each_model_alone():
+    """predict_stacked runs CPU CNNs one after another in channels-last: same logits as each model's
+    own forward pass (NCHW), and the mirror average under TTA."""
+    from kernels.train import init_stacked
+
+    make = lambda: build_model("small_cnn", (1, 8, 8), 3, 4)  # noqa: E731
+    _, params = init_stacked(make, [3, 4, 5])
+    x = torch.randn(700, 1, 8, 8)                     # more than one chunk
+    logits = predict_stacked(make, params, x)
+    tta = predict_stacked(make, params, x, tta_flip=True)
+    model = make().eval()
+    with torch.no_grad():
+        for i in range(3):
+            model.load_state_dict({k: v[i] for k, v in params.items()})
+            torch.testing.assert_close(logits[i], model(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(tta[i], (model(x) + model(x.flip(-1))) / 2, rtol=1e-5, atol=1e-5)
