@@ -10,11 +10,9 @@ models (seeds 0 and 1) at once, one per core on the CPU; both accuracies are rep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from bench.lineage import machine
+    from bench.results_file import write_results
     from kernels.models import build_model
     from kernels.train import predict_stacked, train_stacked, uses_bf16
     from ops.sources import load_source
@@ -67,18 +65,15 @@ def main() -> int:
     print(f"small_cnn (hidden={args.hidden}) on {int(tr.sum())} Fashion-MNIST images, {spec.training.epochs} epochs, "
           f"{precision}: test accuracy {accs} (seeds {seeds}, {int(raw.is_test.sum())} test images), "
           f"{seconds:.0f}s for {len(seeds)} models")
-    out = {"bench": "accuracy", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "machine": machine(), "config": {"model": f"small_cnn hidden={args.hidden}",
+    write_results("accuracy", {"model": f"small_cnn hidden={args.hidden}",
                                             "recipe": spec.training.model_dump(), "train": int(tr.sum()),
                                             "precision": precision, "seeds": seeds, "accuracy_per_seed": accs,
                                             "test": int(raw.is_test.sum())},
-           "results": [{"case": "fmnist-full" if not args.quick else "fmnist-quick", "system": "provenance",
+                  [{"case": "fmnist-full" if not args.quick else "fmnist-quick", "system": "provenance",
                         "metric": "test_accuracy_min_over_seeds", "value": acc, "runs": len(seeds)},
                        {"case": "fmnist-full" if not args.quick else "fmnist-quick", "system": "provenance",
                         "metric": "seconds", "value": round(seconds, 1), "runs": 1}],
-           "ratios": []}
-    name = "accuracy-quick.json" if args.quick else "accuracy.json"
-    (ROOT / "bench" / "results" / name).write_text(json.dumps(out, indent=2) + "\n")
+                  [], args.quick)
     return 0
 
 

@@ -18,13 +18,11 @@ textbook-2threads over the variant (time: bigger is faster).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_file import write_results  # noqa: E402
 from kernels.models import SmallCNN  # noqa: E402
 from kernels.pool import reference  # noqa: E402
 from kernels.train import cpu_has_native_bf16  # noqa: E402
@@ -84,8 +83,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from bench.lineage import machine
-
     cores = os.cpu_count() or 1
     n, rounds = (10, 2) if args.quick else (40, 5)
     bf16 = cpu_has_native_bf16()
@@ -115,17 +112,12 @@ def main() -> int:
     print(f"{'variant':<20}{'ms/step':>9}{'speed-up':>10}   rounds (ms)   [bf16 native: {bf16}]")
     for k, v in med.items():
         print(f"{k:<20}{v:>9.2f}{base / v:>9.2f}x   {[round(x, 2) for x in out[k]]}")
-    res = {"bench": "cpu_step", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "machine": machine(),
-           "config": {"model": "small_cnn width 32", "input": "1x28x28", "batch": 64, "steps_per_round": n,
-                      "bf16_native": bf16, "note": "engine-per-core is ms per model-step, one model per core"},
-           "results": [{"case": "smallcnn-step", "system": k, "metric": "ms_per_step", "value": round(v, 3),
-                        "runs": rounds} for k, v in med.items()],
-           "ratios": [{"case": "smallcnn-step", "metric": "ms_per_step", "of": k, "over": "textbook-2threads",
-                       "value": round(base / v, 2)} for k, v in med.items() if k != "textbook-2threads"]}
-    dest = ROOT / "bench" / "results" / f"cpu_step{'-quick' if args.quick else ''}.json"
-    dest.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {dest}")
+    write_results("cpu_step", {"model": "small_cnn width 32", "input": "1x28x28", "batch": 64, "steps_per_round": n,
+                               "bf16_native": bf16, "note": "engine-per-core is ms per model-step, one model per core"},
+                  [{"case": "smallcnn-step", "system": k, "metric": "ms_per_step", "value": round(v, 3), "runs": rounds}
+                   for k, v in med.items()],
+                  [{"case": "smallcnn-step", "metric": "ms_per_step", "of": k, "over": "textbook-2threads",
+                    "value": round(base / v, 2)} for k, v in med.items() if k != "textbook-2threads"], args.quick)
     return 0
 
 

@@ -15,41 +15,25 @@ another, each in a fresh home, and reads the figures back from the warehouse:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from bench.results_file import write_results  # noqa: E402
 
 QUICK = {"dataset": {"source": "digits", "limit_train": 300, "limit_test": 60},
          "attack": {"kind": "badnets", "target_class": 0, "poison_count": 20, "patch_size": 3},
          "model": {"arch": "mlp", "hidden": 32}, "training": {"epochs": 10, "batch_size": 32},
          "subsets": {"num_models": 24, "num_heldout": 8}, "trak": {"num_models": 4, "proj_dim": 32},
          "datamodels": {"n_lambdas": 4, "max_iter": 50}, "detector": {"restarts": 16}, "lds": {"min_heldout": 5}}
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-            else None, "torch": torch.__version__}
 
 
 def run_seed(spec: dict, seed: int, work: Path) -> tuple[dict, float]:
@@ -117,16 +101,10 @@ def main() -> int:
     fmt = lambda v: f"{v:10.3f}" if isinstance(v, float) else f"{str(v):>10}"  # noqa: E731
     for row in table:
         print(" | ".join(fmt(v) for v in row))
-    out = {"bench": "lineage", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "machine": machine(),
-           "config": {"spec": "quick" if args.quick else "experiments/demo.yaml", "seeds": seeds,
+    write_results("lineage", {"spec": "quick" if args.quick else "experiments/demo.yaml", "seeds": seeds,
                       "peers": {"trak": "datamodels (LASSO on the same models)",
                                 "strongest_feature": "spectral signatures (same flag budget)"}},
-           "results": results, "ratios": ratios}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "lineage-quick.json" if args.quick else "lineage.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+                  results, ratios, args.quick)
     return 0
 
 

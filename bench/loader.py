@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.results_file import write_results  # noqa: E402
 
 MEAN = (0.2860, 0.2860, 0.2860)
 STD = (0.3530, 0.3530, 0.3530)
@@ -129,18 +129,6 @@ def torch_epoch_factory(images, labels, bs, workers):
     return _epoch_of(loader)
 
 
-def machine():
-    import torch
-
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -187,16 +175,10 @@ def main() -> int:
         print(f"{k:<18}{'n/a':>14}   {why}")
     for r in ratios:
         print(f"ratio provenance / {r['over']}: {r['value']}")
-    out = {"bench": "loader", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "machine": machine(),
-           "config": {"dataset": what, "images": len(images), "batch_size": args.batch_size,
+    write_results("loader", {"dataset": what, "images": len(images), "batch_size": args.batch_size,
                       "workers": args.workers, "pipeline": "flip+translate(2)+cutout(8)+normalize->float32",
                       "order": "random"},
-           "results": results, "ratios": ratios}
-    dest = ROOT / "bench" / "results" / ("loader-quick.json" if args.quick else "loader.json")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {dest}")
+                  results, ratios, args.quick)
     return 0
 
 

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import math
 import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_file import write_results  # noqa: E402
 from kernels.models import build_model  # noqa: E402
 from kernels.train import Recipe, current_optimizer, make_optimizers, train_stacked, uses_bf16  # noqa: E402
 
@@ -138,8 +137,6 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    from bench.lineage import machine
-
     runs = 1 if args.quick else args.runs
     torch.set_num_threads(os.cpu_count() or 1)
     results, ratios, rows, config = [], [], [], {}
@@ -196,12 +193,8 @@ def main() -> int:
     for r in ratios:
         if r["over"] == "arithmetic_limit":
             print(f"{r['case']}: provenance at {r['value']:.1%} of the GPU's arithmetic limit")
-    out = {"bench": "training", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "machine": machine(), "config": config, "results": results, "ratios": ratios}
     gpu_tag = ("-" + torch.cuda.get_device_name(0).split()[1].lower()) if torch.cuda.is_available() else ""
-    dest = ROOT / "bench" / "results" / f"training{gpu_tag}{'-quick' if args.quick else ''}.json"
-    dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {dest}")
+    write_results("training", config, results, ratios, args.quick, gpu_tag)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,7 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
     emulates bfloat16 and it runs slower than float32.  Linux only (reads /proc/cpuinfo)."""
