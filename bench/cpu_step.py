@@ -2,13 +2,16 @@
 SGD) under each of the engine's choices, against the textbook step, in the same run.
 
 Variants, each a full forward + backward + optimizer step on resident tensors:
-  textbook-2threads   float32, PyTorch's default (NCHW) layout, both cores on the one model
+  textbook-2threads   float32, PyTorch's default (NCHW) layout and ops, both cores on the one model
   nchw-fp32           the same on one thread
-  cl-fp32             channels-last, PyTorch's max-pool
-  cl-fp32-numba       channels-last, kernels/pool.py ReLU + max-pool
-  cl-bf16             channels-last, bfloat16 autocast, PyTorch's max-pool
-  cl-bf16-numba       channels-last, bfloat16 autocast, numba pool (one engine model)
-  engine-per-core     cl-bf16-numba, one model per core on threads: ms per model-step
+  cl-fp32             channels-last, PyTorch's ops
+  cl-fp32-fused       channels-last, the fused first block (kernels/conv_pool.py) + numba pool
+  cl-bf16             channels-last, bfloat16 autocast, PyTorch's ops
+  cl-bf16-numba       channels-last, bfloat16 autocast, PyTorch's convolutions, numba pools
+                      (kernels/pool.py)
+  cl-bf16-fused       channels-last, bfloat16 autocast, fused first block + numba pool (one
+                      engine model)
+  engine-per-core     cl-bf16-fused, one model per core on threads: ms per model-step
 
 Rounds alternate the variants after a warm-up; medians of the rounds are reported.  The ratio is
 textbook-2threads over the variant (time: bigger is faster).
@@ -32,16 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_file import write_results  # noqa: E402
+from bench.textbook import PoolKernelSmallCNN, TextbookSmallCNN  # noqa: E402
 from kernels.models import SmallCNN  # noqa: E402
-from kernels.pool import reference  # noqa: E402
 from kernels.train import cpu_has_native_bf16  # noqa: E402
-
-
-class TorchPoolCNN(SmallCNN):
-    """The same model with PyTorch's ReLU and max-pool (no numba kernel)."""
-
-    def embed(self, x):
-        return reference(self.conv2(reference(self.conv1(x)))).flatten(1)
 
 
 def make_step(model_cls, channels_last: bool, bf16: bool, seed: int = 0):
@@ -87,14 +83,15 @@ def main() -> int:
     n, rounds = (10, 2) if args.quick else (40, 5)
     bf16 = cpu_has_native_bf16()
     variants = {
-        "nchw-fp32": (TorchPoolCNN, False, False),
-        "cl-fp32": (TorchPoolCNN, True, False),
-        "cl-fp32-numba": (SmallCNN, True, False),
-        "cl-bf16": (TorchPoolCNN, True, True),
-        "cl-bf16-numba": (SmallCNN, True, True),
+        "nchw-fp32": (TextbookSmallCNN, False, False),
+        "cl-fp32": (TextbookSmallCNN, True, False),
+        "cl-fp32-fused": (SmallCNN, True, False),
+        "cl-bf16": (TextbookSmallCNN, True, True),
+        "cl-bf16-numba": (PoolKernelSmallCNN, True, True),
+        "cl-bf16-fused": (SmallCNN, True, True),
     }
     steps = {name: make_step(*v) for name, v in variants.items()}
-    textbook = make_step(TorchPoolCNN, False, False)
+    textbook = make_step(TextbookSmallCNN, False, False)
     engine = [make_step(SmallCNN, True, True, seed) for seed in range(cores)]
     out = {name: [] for name in ["textbook-2threads", *variants, "engine-per-core"]}
     for r in range(rounds + 1):                      # round 0 warms up (oneDNN primitives, numba)

@@ -1,17 +1,19 @@
 """Models per hour: provenance's training engine vs a plain PyTorch loop, side by side.
 
 The plain loop is what one writes by hand: one model at a time, batches from
-``torch.utils.data.DataLoader`` over a ``Subset`` of the training set, the same model, optimizer,
+``torch.utils.data.DataLoader`` over a ``Subset`` of the training set, the same model written
+with PyTorch's own ops (bench/textbook.py: none of provenance's CPU kernels), optimizer,
 learning-rate schedule, batch size and epochs, float32 in PyTorch's default layout, all cores on
 the one model.  The engine trains the same models from resident tensors (kernels/train.py): many
 in lockstep where that pays (small models); convolutional models on the CPU one per core,
-channels-last, with the numba ReLU + max-pool and, on CPUs with native bfloat16, bfloat16
+channels-last, with the fused first block (kernels/conv_pool.py) and the numba ReLU + max-pool
+(kernels/pool.py) and, on CPUs with native bfloat16, bfloat16
 autocast (the recipe's ``amp="auto"``).  Same data, same α = 0.5 subsets; runs alternate (engine,
 plain, ...) after a warm-up; medians are reported.
 
 To show what the engine adds beyond precision and layout, the CNN case also runs the plain loop
-with the engine's precision and layout (bfloat16 autocast where the engine uses it,
-channels-last, hence also the numba pool): ``plain_pytorch_bf16_cl``.
+with the engine's precision, layout and model kernels (bfloat16 autocast where the engine uses
+it, channels-last, the fused first block and numba pool): ``plain_pytorch_bf16_cl``.
 
 Cases (CPU):
   fmnist-smallcnn  small CNN (width 32) on Fashion-MNIST (synthetic if not installed), α = 0.5
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_file import write_results  # noqa: E402
+from bench.textbook import TextbookSmallCNN  # noqa: E402
 from kernels.models import build_model  # noqa: E402
 from kernels.train import Recipe, current_optimizer, make_optimizers, train_stacked, uses_bf16  # noqa: E402
 
@@ -109,20 +112,23 @@ def engine(make, x, y, subsets, seeds, recipe, device):
     return out
 
 
-def run_case(make, x, y, recipe, device, n_engine, runs, tuned_plain):
-    """Models per hour of each system, per run: {system: [runs]}."""
+def run_case(make, make_plain, x, y, recipe, device, n_engine, runs, tuned_plain):
+    """Models per hour of each system, per run: {system: [runs]}.  ``make_plain`` builds the
+    textbook model for the plain loop; the tuned plain loop uses the engine's model (``make``)."""
     rng = np.random.default_rng(0)
     n = len(y)
     subsets = [np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(n_engine)]
     one_epoch = Recipe(**{**recipe.__dict__, "epochs": 1})
     systems = {"provenance": lambda r: engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)),
                                               recipe, device),
-               "plain_pytorch": lambda r: plain_loop(make, x, y, subsets[0], r, recipe, device)}
+               "plain_pytorch": lambda r: plain_loop(make_plain, x, y, subsets[0], r, recipe, device)}
     if tuned_plain:
         systems["plain_pytorch_bf16_cl"] = lambda r: plain_loop(make, x, y, subsets[0], r, recipe, device, tuned=True)
     models = {"provenance": n_engine}
     engine(make, x, y, subsets[:1], [0], one_epoch, device)   # warm-up
-    plain_loop(make, x, y, subsets[0], 0, one_epoch, device, tuned=tuned_plain)
+    plain_loop(make_plain, x, y, subsets[0], 0, one_epoch, device)
+    if tuned_plain:
+        plain_loop(make, x, y, subsets[0], 0, one_epoch, device, tuned=True)
     out = {s: [] for s in systems}
     for r in range(runs):
         for s, run in systems.items():
@@ -144,10 +150,11 @@ def main() -> int:
 
     x, y, what = fashion(6000 if args.quick else None)
     rec = Recipe(epochs=1 if args.quick else 2, batch_size=64, lr=0.05)      # amp="auto", the default
-    cases = [("fmnist-smallcnn", lambda: build_model("small_cnn", (1, 28, 28), 10, 32), x, y, rec, cpu,
-              2 if args.quick else 4, what, True)]
+    cases = [("fmnist-smallcnn", lambda: build_model("small_cnn", (1, 28, 28), 10, 32),
+              lambda: TextbookSmallCNN((1, 28, 28), 10, 32), x, y, rec, cpu, 2 if args.quick else 4, what, True)]
     xd, yd, _ = digits()
-    cases.append(("digits-mlp", lambda: build_model("mlp", (1, 8, 8), 10, 64), xd, yd,
+    mlp = lambda: build_model("mlp", (1, 8, 8), 10, 64)   # noqa: E731
+    cases.append(("digits-mlp", mlp, mlp, xd, yd,
                   Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if args.quick else 256, "digits", False))
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
@@ -156,10 +163,11 @@ def main() -> int:
         yc = torch.randint(0, 10, (n,))
         rr = Recipe(epochs=2 if args.quick else 4, batch_size=512, lr=0.5, label_smoothing=0.1, amp=True,
                     channels_last=True)
-        cases.append(("cifar-resnet9", lambda: build_model("resnet9", (3, 32, 32), 10, 64), xc, yc, rr, gpu, 2,
+        resnet9 = lambda: build_model("resnet9", (3, 32, 32), 10, 64)   # noqa: E731
+        cases.append(("cifar-resnet9", resnet9, resnet9, xc, yc, rr, gpu, 2,
                       "random CIFAR-shaped", False))
-    for name, make, xx, yy, recipe, device, n_engine, data, tuned in cases:
-        per_run = run_case(make, xx, yy, recipe, device, n_engine, runs, tuned)
+    for name, make, make_plain, xx, yy, recipe, device, n_engine, data, tuned in cases:
+        per_run = run_case(make, make_plain, xx, yy, recipe, device, n_engine, runs, tuned)
         med = {sys_: statistics.median(v) for sys_, v in per_run.items()}
         config[name] = {"data": data, "examples": len(yy), "alpha": 0.5, "device": str(device),
                         "engine_models_per_run": n_engine, "recipe": {k: v for k, v in recipe.__dict__.items()},

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from kernels.conv_pool import conv3x3_relu_maxpool2d
 from kernels.pool import relu_maxpool2d
 
 ARCHS = ("logreg", "mlp", "small_cnn", "resnet9")
@@ -56,7 +57,7 @@ class SmallCNN(nn.Module):
         self.out = nn.Linear(2 * hidden * (h // 4) * (w // 4), num_classes)
 
     def embed(self, x):
-        x = relu_maxpool2d(self.conv1(x))
+        x = conv3x3_relu_maxpool2d(x, self.conv1)
         x = relu_maxpool2d(self.conv2(x))
         return x.flatten(1)
 
