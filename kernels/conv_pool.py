@@ -41,6 +41,17 @@ def reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.relu(torch.max_pool2d(conv(x), 2))
 
 
+@numba.njit(nogil=True, inline="always", cache=True)
+def _patch(xp, n, i, j, c):
+    """The 4x4 input patch of channel c under pooling window (i, j) of 3x3 convolutions
+    (xp zero-padded by one), row by row."""
+    r, s = 2 * i, 2 * j
+    return (xp[n, r, s, c], xp[n, r, s + 1, c], xp[n, r, s + 2, c], xp[n, r, s + 3, c],
+            xp[n, r + 1, s, c], xp[n, r + 1, s + 1, c], xp[n, r + 1, s + 2, c], xp[n, r + 1, s + 3, c],
+            xp[n, r + 2, s, c], xp[n, r + 2, s + 1, c], xp[n, r + 2, s + 2, c], xp[n, r + 2, s + 3, c],
+            xp[n, r + 3, s, c], xp[n, r + 3, s + 1, c], xp[n, r + 3, s + 2, c], xp[n, r + 3, s + 3, c])
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(n_out: int):
     """The forward and backward kernels for ``n_out`` output channels.  The channel count is a
@@ -64,13 +75,8 @@ def _kernels(n_out: int):
                         acc[2, o] = b[o]
                         acc[3, o] = b[o]
                     for c in range(n_in):
-                        # the 4x4 input patch under a 2x2 pooling window of 3x3 convolutions
-                        r0, r1, r2, r3 = 2 * i, 2 * i + 1, 2 * i + 2, 2 * i + 3
-                        s0, s1, s2, s3 = 2 * j, 2 * j + 1, 2 * j + 2, 2 * j + 3
-                        p00, p01, p02, p03 = xp[n, r0, s0, c], xp[n, r0, s1, c], xp[n, r0, s2, c], xp[n, r0, s3, c]
-                        p10, p11, p12, p13 = xp[n, r1, s0, c], xp[n, r1, s1, c], xp[n, r1, s2, c], xp[n, r1, s3, c]
-                        p20, p21, p22, p23 = xp[n, r2, s0, c], xp[n, r2, s1, c], xp[n, r2, s2, c], xp[n, r2, s3, c]
-                        p30, p31, p32, p33 = xp[n, r3, s0, c], xp[n, r3, s1, c], xp[n, r3, s2, c], xp[n, r3, s3, c]
+                        (p00, p01, p02, p03, p10, p11, p12, p13,
+                         p20, p21, p22, p23, p30, p31, p32, p33) = _patch(xp, n, i, j, c)
                         t = 9 * c
                         for o in range(n_out):
                             w0, w1, w2 = w[t, o], w[t + 1, o], w[t + 2, o]
@@ -117,12 +123,8 @@ def _kernels(n_out: int):
                             gq[2, o] = v * np.float32(code == 2)
                             gq[3, o] = v * np.float32(code == 3)
                             bacc[o] += v * np.float32(code != NO_GRAD)
-                        r0, r1, r2, r3 = 2 * i, 2 * i + 1, 2 * i + 2, 2 * i + 3
-                        s0, s1, s2, s3 = 2 * j, 2 * j + 1, 2 * j + 2, 2 * j + 3
-                        p00, p01, p02, p03 = xp[n, r0, s0, c], xp[n, r0, s1, c], xp[n, r0, s2, c], xp[n, r0, s3, c]
-                        p10, p11, p12, p13 = xp[n, r1, s0, c], xp[n, r1, s1, c], xp[n, r1, s2, c], xp[n, r1, s3, c]
-                        p20, p21, p22, p23 = xp[n, r2, s0, c], xp[n, r2, s1, c], xp[n, r2, s2, c], xp[n, r2, s3, c]
-                        p30, p31, p32, p33 = xp[n, r3, s0, c], xp[n, r3, s1, c], xp[n, r3, s2, c], xp[n, r3, s3, c]
+                        (p00, p01, p02, p03, p10, p11, p12, p13,
+                         p20, p21, p22, p23, p30, p31, p32, p33) = _patch(xp, n, i, j, c)
                         for o in range(n_out):
                             g0, g1, g2, g3 = gq[0, o], gq[1, o], gq[2, o], gq[3, o]
                             acc[0, o] += p00 * g0 + p01 * g1 + p10 * g2 + p11 * g3

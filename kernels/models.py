@@ -46,8 +46,10 @@ class MLP(nn.Module):
 
 class SmallCNN(nn.Module):
     """Two 3x3 conv blocks (conv, ReLU, 2x2 max-pool), then a linear head; for 28x28 and 32x32
-    images.  ReLU and max-pool commute; they run as one step (kernels/pool.py), which on the CPU
-    in channels-last layout is a numba kernel and elsewhere PyTorch's own ops."""
+    images.  On the CPU the first block (few input channels, no input gradient) is one fused numba
+    kernel (kernels/conv_pool.py), and the second block's ReLU + max-pool another
+    (kernels/pool.py, channels-last); elsewhere (CUDA, torch.func transforms, NCHW) both are
+    PyTorch's own ops, with the same parameters and results to rounding."""
 
     def __init__(self, in_shape, num_classes, hidden=32):
         super().__init__()
