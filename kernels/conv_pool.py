@@ -2,11 +2,11 @@
 of a few input channels, ReLU and 2x2 max-pool, forward and backward.
 
 ``conv3x3_relu_maxpool2d(x, conv)`` computes ``relu(max_pool2d(conv(x), 2))``.  For the small
-CNN on 28x28 images (1 -> 32 channels, batch 64) PyTorch spends more time on this block than on
-the 32 -> 64 convolution after it, which holds 95% of the arithmetic: oneDNN handles a
-one-channel convolution poorly (1.8 ms forward on one core, against 1.1 ms for the second
-convolution), and the pool's backward writes a zero-filled 64x32x28x28 gradient that the
-convolution's backward then reads whole.  Fused, the forward computes the four convolution
+CNN on 28x28 images (1 -> 32 channels, batch 64, bf16, one core) PyTorch's ops take 1.64 ms
+forward + backward for this block, half as long as the 32 -> 64 convolution after it (3.3 ms)
+for 3% of its arithmetic: oneDNN handles a one-channel convolution poorly, and the pool's
+backward writes a 64x32x28x28 gradient that the convolution's backward then reads whole.  The
+kernels here take 0.69 ms.  Fused, the forward computes the four convolution
 outputs of each pooling window in registers and stores only the pooled value and a one-byte
 argmax; the backward accumulates the weight gradient straight from the pooled gradient, so the
 full-resolution activation and its gradient never exist.
@@ -171,7 +171,6 @@ class _ConvReluMaxPool(torch.autograd.Function):
         dw = torch.empty((9 * c, o), dtype=torch.float32)
         db = torch.empty(o, dtype=torch.float32)
         _kernels(o)[1](ctx.xp.numpy(), g.numpy(), ctx.arg.numpy(), dw.numpy(), db.numpy())
-        del ctx.xp, ctx.arg
         return None, dw.reshape(c, 3, 3, o).permute(3, 0, 1, 2).contiguous(), db, None
 
 

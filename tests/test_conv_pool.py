@@ -109,3 +109,13 @@ def test_small_cnn_trains_the_same_through_either_path():
         nn.functional.cross_entropy(m(x), y).backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_backward_twice_with_retained_graph():
+    conv = _conv(1, 8, 2)
+    x = torch.randn(2, 1, 8, 8)
+    y = conv3x3_relu_maxpool2d(x, conv)
+    g = torch.randn_like(y)
+    first = torch.autograd.grad(y, conv.weight, g, retain_graph=True)[0]
+    second = torch.autograd.grad(y, conv.weight, g)[0]
+    assert torch.equal(first, second)
