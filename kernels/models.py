@@ -10,11 +10,10 @@ import math
 import torch
 from torch import nn
 
+from kernels.archs import ARCHS, TORCHVISION
 from kernels.conv_pool import conv3x3_relu_maxpool2d
 from kernels.pool import relu_maxpool2d
 
-ARCHS = ("logreg", "mlp", "small_cnn", "resnet9")
-TORCHVISION = "torchvision."   # arch "torchvision.<name>": any torchvision classification model
 
 
 class LogReg(nn.Module):

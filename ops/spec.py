@@ -73,11 +73,13 @@ class ModelSpec(_Section):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v):
-        from kernels.models import ARCHS, TORCHVISION, torchvision_models
+        from kernels.archs import ARCHS, TORCHVISION
 
         if v in ARCHS:
             return v
         if v.startswith(TORCHVISION):
+            from kernels.models import torchvision_models   # torch + torchvision: only for these
+
             name = v[len(TORCHVISION):]
             if name in torchvision_models():
                 return v

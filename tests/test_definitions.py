@@ -27,6 +27,14 @@ def test_definitions_import_neither_torch_nor_numba():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_checking_a_spec_imports_neither_torch_nor_numba():
+    """The sensor checks every spec on every tick: that must stay cheap."""
+    code = ("import sys; from ops.spec import load_spec_file; load_spec_file('experiments/demo.yaml'); "
+            "print('torch' in sys.modules, 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
 def test_kernels_know_nothing_of_dagster():
     for p in (ROOT / "kernels").glob("*.py"):
         text = p.read_text()
