@@ -13,6 +13,10 @@ Variants, each a full forward + backward + optimizer step on resident tensors:
                       engine model)
   engine-per-core     cl-bf16-fused, one model per core on threads: ms per model-step
 
+and the first block alone (conv 1 -> 32, ReLU, 2x2 max-pool; channels-last bf16, one thread),
+forward + backward: PyTorch's ops + the numba pool (``first-block-pool``) against the fused kernel
+(``first-block-fused``, kernels/conv_pool.py).
+
 Rounds alternate the variants after a warm-up; medians of the rounds are reported.  The ratio is
 textbook-2threads over the variant (time: bigger is faster).
 
@@ -36,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results_file import write_results  # noqa: E402
 from bench.textbook import PoolKernelSmallCNN, TextbookSmallCNN  # noqa: E402
+from kernels.conv_pool import conv3x3_relu_maxpool2d  # noqa: E402
 from kernels.models import SmallCNN  # noqa: E402
+from kernels.pool import relu_maxpool2d  # noqa: E402
 from kernels.train import cpu_has_native_bf16  # noqa: E402
 
 
@@ -55,6 +61,20 @@ def make_step(model_cls, channels_last: bool, bf16: bool, seed: int = 0):
         loss.backward()
         opt.step()
     return step
+
+
+def make_first_block(fused: bool):
+    """Forward + backward of the small CNN's first block on a batch of 64 (bf16 autocast)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(64, 1, 28, 28)
+    g = torch.randn(64, 32, 14, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    def block():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv3x3_relu_maxpool2d(x, conv) if fused else relu_maxpool2d(conv(x))
+        y.backward(g)
+    return block
 
 
 def timed(step, n: int) -> float:
@@ -93,13 +113,14 @@ def main() -> int:
     steps = {name: make_step(*v) for name, v in variants.items()}
     textbook = make_step(TextbookSmallCNN, False, False)
     engine = [make_step(SmallCNN, True, True, seed) for seed in range(cores)]
-    out = {name: [] for name in ["textbook-2threads", *variants, "engine-per-core"]}
+    blocks = {"first-block-pool": make_first_block(False), "first-block-fused": make_first_block(True)}
+    out = {name: [] for name in ["textbook-2threads", *variants, "engine-per-core", *blocks]}
     for r in range(rounds + 1):                      # round 0 warms up (oneDNN primitives, numba)
         torch.set_num_threads(cores)
         t = timed(textbook, n)
         torch.set_num_threads(1)
         got = {"textbook-2threads": t, **{name: timed(s, n) for name, s in steps.items()},
-               "engine-per-core": per_core(engine, n)}
+               "engine-per-core": per_core(engine, n), **{name: timed(b, n) for name, b in blocks.items()}}
         if r:
             for k, v in got.items():
                 out[k].append(v)
@@ -108,13 +129,20 @@ def main() -> int:
     base = med["textbook-2threads"]
     print(f"{'variant':<20}{'ms/step':>9}{'speed-up':>10}   rounds (ms)   [bf16 native: {bf16}]")
     for k, v in med.items():
-        print(f"{k:<20}{v:>9.2f}{base / v:>9.2f}x   {[round(x, 2) for x in out[k]]}")
+        ref = med["first-block-pool"] if k in blocks else base
+        print(f"{k:<20}{v:>9.2f}{ref / v:>9.2f}x   {[round(x, 2) for x in out[k]]}")
+    step_med = {k: v for k, v in med.items() if k not in blocks}
     write_results("cpu_step", {"model": "small_cnn width 32", "input": "1x28x28", "batch": 64, "steps_per_round": n,
-                               "bf16_native": bf16, "note": "engine-per-core is ms per model-step, one model per core"},
+                               "bf16_native": bf16, "note": "engine-per-core is ms per model-step, one model per core; "
+                               "first-block-* time the first block alone (forward + backward, bf16, one thread)"},
                   [{"case": "smallcnn-step", "system": k, "metric": "ms_per_step", "value": round(v, 3), "runs": rounds}
-                   for k, v in med.items()],
+                   for k, v in step_med.items()]
+                  + [{"case": "first-block", "system": k, "metric": "ms_per_call", "value": round(med[k], 3), "runs": rounds}
+                     for k in blocks],
                   [{"case": "smallcnn-step", "metric": "ms_per_step", "of": k, "over": "textbook-2threads",
-                    "value": round(base / v, 2)} for k, v in med.items() if k != "textbook-2threads"], args.quick)
+                    "value": round(base / v, 2)} for k, v in step_med.items() if k != "textbook-2threads"]
+                  + [{"case": "first-block", "metric": "ms_per_call", "of": "first-block-fused", "over": "first-block-pool",
+                      "value": round(med["first-block-pool"] / med["first-block-fused"], 2)}], args.quick)
     return 0
 
 

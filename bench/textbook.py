@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from kernels.models import SmallCNN
+from kernels.pool import relu_maxpool2d
 
 
 class TextbookSmallCNN(SmallCNN):
@@ -21,5 +22,4 @@ class PoolKernelSmallCNN(SmallCNN):
     first block), for the per-step ablation."""
 
     def embed(self, x):
-        from kernels.pool import relu_maxpool2d
         return relu_maxpool2d(self.conv2(relu_maxpool2d(self.conv1(x)))).flatten(1)

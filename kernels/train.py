@@ -193,7 +193,7 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     if lockstep is None:
         lockstep = lockstep_pays(probe, x.device)
     if not lockstep or any(True for _ in probe.buffers()):
-        return _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch, snapshots)
+        return _train_sequential(make_model, probe, x, y, subsets, seeds, recipe, on_epoch, snapshots)
     sizes = {len(s) for s in subsets}
     if len(sizes) != 1:
         raise ValueError(f"models trained in one batch need equal subset sizes, got {sorted(sizes)}")
@@ -249,19 +249,19 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     return {k: v.detach().cpu() for k, v in params.items()}
 
 
-def _train_sequential(make_model, x, y, subsets, seeds, recipe, on_epoch, snapshots=None):
+def _train_sequential(make_model, probe, x, y, subsets, seeds, recipe, on_epoch, snapshots=None):
     """Models one after another (batch-norm models; CNNs on the CPU), with the same recipe, seeds,
     orders and draws as the lockstep path; parameters and buffers are stacked like its output.
 
-    Convolutional models on the CPU run channels-last, with the numba ReLU + max-pool
-    (kernels/pool.py), and one model per core: each model on one intra-op thread, as many models
+    ``probe`` is one model from ``make_model``, for its structure.  Convolutional models on the
+    CPU run channels-last (so the small CNN takes its numba kernels, kernels/conv_pool.py and
+    kernels/pool.py), and one model per core: each model on one intra-op thread, as many models
     at a time as torch has threads.  One thread per model always, also for a lone model, so a
     model's bits do not depend on how many models share its shard or on the machine's core count
     (oneDNN's results change with the thread count).  Models draw their initialisation from the
     global torch generator under a lock; models with random layers (dropout, stochastic depth)
     would also draw while training, so they train one at a time."""
     device = x.device
-    probe = make_model()
     per_core = device.type == "cpu" and has_conv(probe)
     amp = uses_bf16(recipe, probe, device)
     lock = threading.Lock()
