@@ -22,25 +22,26 @@ def at_chance(accuracy: float, chance: float) -> bool:
     return accuracy < chance + 0.1 * (1 - chance)
 
 
-@op(ins={"loader_files": In(Nothing), "subset_masks": In(Nothing)}, out=DynamicOut(int))
+@op(ins={"loader_files": In(Nothing), "subset_masks": In(Nothing)}, out=DynamicOut(list))
 def plan_training(context: OpExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource):
-    """One dynamic output per shard of models still missing from the store."""
+    """One dynamic output per shard of models still missing from the store: the shard's jobs
+    (model, seed, subset and store key), so each shard trains what this run planned."""
     from ops import training
 
     key = context.partition_key
-    for shard in training.plan_shards(experiments.load(key), store.get(), key, context.log.info):
-        yield DynamicOutput(shard, mapping_key=f"shard_{shard}")
+    for i, jobs in enumerate(training.plan_shards(experiments.load(key), store.get(), key, context.log.info)):
+        yield DynamicOutput(jobs, mapping_key=f"shard_{i}")
 
 
 @op
-def train_models(context: OpExecutionContext, shard: int, experiments: ExperimentsResource,
+def train_models(context: OpExecutionContext, shard: list, experiments: ExperimentsResource,
                  store: ArtifactStoreResource, compute: ComputeResource) -> int:
-    """Train one shard of models in lockstep and store each model under its key."""
+    """Train one shard of models and store each model under its key."""
     from ops import training
 
     key = context.partition_key
     return training.train_shard(experiments.load(key), store.get(), key, shard, compute.torch_device(),
-                                context.log.info)
+                                context.log.info, name=context.get_mapping_key() or "shard")
 
 
 @op(out={"checkpoints": Out(Nothing), "model_outputs": Out(Nothing)})

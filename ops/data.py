@@ -1,6 +1,8 @@
 """Stages from the dataset to the files the training loop reads, and the subset masks."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
@@ -8,7 +10,7 @@ from kernels.loader import LoaderFile, write_loader_file
 from ops.attacks import build_training_set
 from ops.sources import load_source
 from ops.spec import Spec
-from ops.store import ArtifactStore
+from ops.store import ArtifactError, ArtifactStore
 
 RAW, TRAIN, LOADER, MASKS = "raw_dataset", "training_set", "loader_files", "subset_masks"
 
@@ -77,15 +79,30 @@ SPLITS = {"train": ("train_images", "train_labels"), "test": ("test_images", "te
 def loader_files(spec: Spec, store: ArtifactStore, exp: str) -> dict:
     out = {}
     meta = store.load_json(exp, TRAIN, "meta.json")
+    digest = hashlib.sha256()
     for split, (img, lab) in SPLITS.items():
         images = np.asarray(store.load_npy(exp, TRAIN, f"{img}.npy"))
         labels = np.asarray(store.load_npy(exp, TRAIN, f"{lab}.npy"))
+        for a in (images, labels):
+            digest.update(f"{split}:{a.dtype.str}:{a.shape}".encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
         path = store.path(exp, LOADER, f"{split}.pvl")
         write_loader_file(path, {"image": images, "label": labels.astype(np.int64),
                                  "id": [str(i) for i in meta[f"{split}_ids"]]},
                           attrs={"experiment": exp, "split": split})
         out[split] = {"path": str(path), "examples": len(labels), "bytes": path.stat().st_size}
+    out["data_digest"] = digest.hexdigest()[:16]
+    store.save_json(exp, LOADER, "digest.json", {"data_digest": out["data_digest"]})
     return out
+
+
+def data_digest(store: ArtifactStore, exp: str) -> str:
+    """A digest of the images and labels of every split in the loader files: part of every
+    model's key, since a model (and the margins stored with it) is only valid for its data."""
+    if not store.path(exp, LOADER, "digest.json").exists():
+        raise ArtifactError(f"{store.path(exp, LOADER, 'digest.json')} is missing (loader files from an older "
+                            f"version): re-materialize loader_files")
+    return store.load_json(exp, LOADER, "digest.json")["data_digest"]
 
 
 def open_loader(store: ArtifactStore, exp: str, split: str) -> LoaderFile:

@@ -16,7 +16,7 @@ from kernels.dataloader import Loader
 from kernels.models import TORCHVISION, build_model, margin
 from kernels.transforms import Normalize, Pipeline
 from kernels.train import Recipe, predict_stacked, train_stacked, uses_bf16
-from ops.data import MASKS, open_loader
+from ops.data import MASKS, data_digest, open_loader
 from ops.spec import Spec, SpecError
 from ops.store import ArtifactError, ArtifactStore
 
@@ -101,13 +101,15 @@ def evaluate(make_model, params, data: Data, target_class: int | None, tta_flip:
 # ------------------------------------------------------------------ the model store
 #
 # Every trained model is one safetensors file keyed by what determines it:
-#     checkpoints/models/<recipe hash>/<mask digest>-<seed>.safetensors
+#     checkpoints/models/<recipe hash>/<data digest>/<mask digest>-<seed>.safetensors
 # holding its parameters (and batch-norm statistics), its margins on the test and train
-# examples, and its manifest row in the metadata.  A model whose file exists is never trained
-# again: a crashed or repeated run trains only what is missing.
+# examples, and its manifest row in the metadata.  The data digest covers the images and labels
+# of every split (ops.data.data_digest): a change of dataset or attack makes new models, and the
+# margins stored with a model always belong to the data it was evaluated on.  A model whose file
+# exists is never trained again: a crashed or repeated run trains only what is missing.
 
 
-def _jobs(spec: Spec, masks: np.ndarray) -> list[dict]:
+def _jobs(spec: Spec, masks: np.ndarray, digest: str) -> list[dict]:
     """Every model of the experiment: one per mask row, then one on all training data."""
     m_all, n = masks.shape
     rows = list(masks) + [np.ones(n, bool)]
@@ -115,11 +117,16 @@ def _jobs(spec: Spec, masks: np.ndarray) -> list[dict]:
     rh = recipe_hash(spec)
     jobs = []
     for i, (row, role) in enumerate(zip(rows, roles)):
-        digest = hashlib.sha256(np.packbits(row).tobytes()).hexdigest()[:16]
+        mask = hashlib.sha256(np.packbits(row).tobytes()).hexdigest()[:16]
         seed = model_seed(spec, i)
         jobs.append({"model_id": i, "role": role, "mask_index": i if i < m_all else None, "seed": seed,
-                     "size": int(row.sum()), "file": f"models/{rh}/{digest}-{seed}.safetensors"})
+                     "size": int(row.sum()), "recipe_hash": rh, "data_digest": digest,
+                     "file": f"models/{rh}/{digest}/{mask}-{seed}.safetensors"})
     return jobs
+
+
+def _experiment_jobs(spec: Spec, store: ArtifactStore, exp: str) -> list[dict]:
+    return _jobs(spec, np.asarray(store.load_npy(exp, MASKS, "masks.npy")), data_digest(store, exp))
 
 
 def _epoch_file(file: str, epoch: int) -> str:
@@ -127,36 +134,41 @@ def _epoch_file(file: str, epoch: int) -> str:
 
 
 def _have(store: ArtifactStore, exp: str, job: dict, save_epochs=()) -> bool:
-    p = store.path(exp, CKPT, job["file"])
-    if not p.exists() or any(not store.path(exp, CKPT, _epoch_file(job["file"], e)).exists() for e in save_epochs):
+    """Whether the job's model (and its intermediate checkpoints) is stored and readable."""
+    files = [job["file"], *(_epoch_file(job["file"], e) for e in save_epochs)]
+    if any(not store.path(exp, CKPT, f).exists() for f in files):
         return False
     try:
-        meta = store.tensor_metadata(exp, CKPT, job["file"])   # the header only, not the weights
+        store.tensor_metadata(exp, CKPT, job["file"])   # the header only, not the weights
     except Exception:   # unreadable: train it again (the write was atomic, so this is rare)
         return False
-    return meta.get("seed") == str(job["seed"])
+    return True
 
 
-def plan_shards(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> list[int]:
-    """Split the models still missing into shards of ``models_per_batch`` equal-size subsets."""
-    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
-    jobs = _jobs(spec, masks)
+def plan_shards(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> list[list[dict]]:
+    """The models still missing, in shards of ``models_per_batch`` equal-size subsets; each shard
+    is the list of its jobs (what to train and under which key), handed to ``train_shard``."""
+    jobs = _experiment_jobs(spec, store, exp)
     missing = [j for j in jobs if not _have(store, exp, j, spec.training.save_epochs)]
     per = spec.training.models_per_batch
-    shards: list[list[int]] = []
+    shards: list[list[dict]] = []
     for size in sorted({j["size"] for j in missing}):
-        ids = [j["model_id"] for j in missing if j["size"] == size]
-        shards += [ids[i:i + per] for i in range(0, len(ids), per)]
-    store.save_json(exp, CKPT, "plan.json", {"jobs": jobs, "shards": shards})
+        same = [j for j in missing if j["size"] == size]
+        shards += [same[i:i + per] for i in range(0, len(same), per)]
     log(f"{len(jobs)} models: {len(jobs) - len(missing)} already trained, {len(missing)} to train "
         f"in {len(shards)} shard(s)")
-    return list(range(len(shards)))
+    return shards
 
 
-def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: torch.device, log: Log) -> int:
-    """Train one shard of models in lockstep and store each model as it is keyed."""
-    plan = store.load_json(exp, CKPT, "plan.json")
-    jobs = [plan["jobs"][i] for i in plan["shards"][shard]]
+def train_shard(spec: Spec, store: ArtifactStore, exp: str, jobs: list[dict], device: torch.device, log: Log,
+                name: str = "shard") -> int:
+    """Train one shard of models (jobs from ``plan_shards``) and store each model under its key.
+    Refuses when the spec's recipe or the data changed since the shard was planned: its models
+    would be stored under keys that do not describe them."""
+    rh, digest = recipe_hash(spec), data_digest(store, exp)
+    if any(j["recipe_hash"] != rh or j["data_digest"] != digest for j in jobs):
+        raise ArtifactError(f"{name}: the spec's recipe or the training data changed since this run planned its "
+                            f"shards; run checkpoints again")
     masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
     data = Data(store, exp, device)
     if masks.shape[1] != len(data.y):
@@ -167,7 +179,8 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
     subsets = [np.flatnonzero(masks[j["mask_index"]]) if j["mask_index"] is not None else np.arange(masks.shape[1])
                for j in jobs]
     t0 = time.perf_counter()
-    precision = "bf16" if uses_bf16(recipe_of(spec), make_model(), device) else "fp32"
+    recipe = recipe_of(spec)
+    precision = "bf16" if uses_bf16(recipe, make_model(), device) else "fp32"
     snapshots = {e: None for e in spec.training.save_epochs}
     last = [t0]
 
@@ -175,9 +188,9 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
         now = time.perf_counter()
         if now - last[0] >= 15:
             last[0] = now
-            log(f"shard {shard}: epoch {epoch + 1}/{spec.training.epochs}, loss {loss:.4f} ({now - t0:.0f}s)")
+            log(f"{name}: epoch {epoch + 1}/{spec.training.epochs}, loss {loss:.4f} ({now - t0:.0f}s)")
 
-    params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe_of(spec),
+    params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe,
                            on_epoch=progress, snapshots=snapshots)
     for e, snap in snapshots.items():   # intermediate checkpoints first: the final file marks a model done
         for i, job in enumerate(jobs):
@@ -190,11 +203,11 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
         tensors["margins_train"] = torch.from_numpy(np.ascontiguousarray(ev["margins_train"][i], np.float32))
         store.save_tensors(exp, CKPT, job["file"], tensors, {
             "arch": spec.model.arch, "hidden": spec.model.hidden, "in_shape": json.dumps(list(data.in_shape)),
-            "num_classes": len(meta["classes"]), "recipe_hash": recipe_hash(spec), "seed": job["seed"],
+            "num_classes": len(meta["classes"]), "recipe_hash": rh, "data_digest": digest, "seed": job["seed"],
             "mask_index": job["mask_index"], "role": job["role"], "n_train_examples": job["size"],
             "accuracy": float(ev["accuracy"][i]), "attack_success_rate": float(ev["asr"][i]),
             "norm": json.dumps(data.norm), "precision": precision})
-    log(f"shard {shard}: trained {len(jobs)} models ({precision}) in {time.perf_counter() - t0:.1f}s, "
+    log(f"{name}: trained {len(jobs)} models ({precision}) in {time.perf_counter() - t0:.1f}s, "
         f"mean test accuracy {ev['accuracy'].mean():.3f}")
     return len(jobs)
 
@@ -202,9 +215,8 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, shard: int, device: 
 def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
     """Gather the experiment's models from the store into the stacked checkpoint, the manifest and
     the model outputs that downstream stages read."""
-    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
-    jobs = _jobs(spec, masks)
-    missing = [j["model_id"] for j in jobs if not store.path(exp, CKPT, j["file"]).exists()]
+    jobs = _experiment_jobs(spec, store, exp)
+    missing = [j["model_id"] for j in jobs if not _have(store, exp, j, spec.training.save_epochs)]
     if missing:
         raise ArtifactError(f"models {missing[:5]}{'...' if len(missing) > 5 else ''} are not trained; "
                             f"re-materialize checkpoints")
@@ -236,12 +248,12 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
     table = pd.DataFrame(rows)
     table["mask_index"] = table["mask_index"].astype("Int64")
     store.save_table(exp, CKPT, "models.parquet", table)
-    acc = table["accuracy"].to_numpy()
+    acc = table.loc[table["role"] != "full", "accuracy"]
     n_cls = int(metas["num_classes"])
     full = table[table["role"] == "full"].iloc[0]
     log(f"collected {len(jobs)} models")
-    return {"models": len(jobs), "mean_subset_accuracy": float(acc[:-1].mean()),
-            "min_subset_accuracy": float(acc[:-1].min()), "full_accuracy": float(full["accuracy"]),
+    return {"models": len(jobs), "mean_subset_accuracy": float(acc.mean()),
+            "min_subset_accuracy": float(acc.min()), "full_accuracy": float(full["accuracy"]),
             "full_attack_success": float(full["attack_success_rate"]), "chance": 1.0 / n_cls}
 
 

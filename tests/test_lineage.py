@@ -212,3 +212,31 @@ def test_checkpoint_of_another_model_is_refused(tiny):
     other = parse_spec({**TINY, "name": "tiny", "model": {"arch": "mlp", "hidden": 64}})
     with pytest.raises(ArtifactError, match="holds mlp \\(hidden=32\\) models but the spec asks for mlp \\(hidden=64\\)"):
         load_models(other, store, "tiny")
+
+
+def _training_run(tmp_path, spec):
+    """Materialize the lineage up to the checkpoints; the checkpoints' trained/reused counts."""
+    from dagster import AssetKey, AssetSelection, instance_for_test
+
+    exp_dir = tmp_path / "experiments"
+    exp_dir.mkdir(exist_ok=True)
+    (exp_dir / "retrain.yaml").write_text(yaml.safe_dump(spec))
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("experiments", ["retrain"])
+        result = materialize(ALL_ASSETS, partition_key="retrain", instance=instance,
+                             selection=AssetSelection.assets("checkpoints").upstream().required_multi_asset_neighbors(),
+                             resources=make_resources(tmp_path / "home", exp_dir))
+        meta = next(e.materialization.metadata for e in result.get_asset_materialization_events()
+                    if e.asset_key == AssetKey("checkpoints"))
+    return meta["trained_this_run"].value, meta["reused"].value
+
+
+def test_models_are_reused_for_the_same_data_and_retrained_for_new_data(tmp_path):
+    """The store keys a model by recipe, data, mask and seed: re-running the same spec trains
+    nothing, but an attack that changes the training data trains every model again."""
+    spec = {**TINY, "training": {"epochs": 2, "batch_size": 32}, "subsets": {"num_models": 6, "num_heldout": 2},
+            "trak": TINY_TRAK}
+    assert _training_run(tmp_path, spec) == (9, 0)
+    assert _training_run(tmp_path, spec) == (0, 9)
+    changed = {**spec, "attack": {**spec["attack"], "poison_count": 10}}
+    assert _training_run(tmp_path, changed) == (9, 0)
