@@ -179,7 +179,8 @@ def _fused(src, idx, lut, flip, ty, tx, cy, cx, cut, fill, out):
     for b in prange(n_b):
         s = idx[b]
         t_y, t_x = ty[b], tx[b]
-        x0, x1 = max(0, t_x), min(w, w + t_x)
+        x0 = min(w, max(0, t_x))           # shifts of a whole width or more leave no source column
+        x1 = max(x0, min(w, w + t_x))
         for y in range(h):
             sy = y - t_y
             if sy < 0 or sy >= h:

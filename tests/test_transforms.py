@@ -41,6 +41,21 @@ def test_resident_torch_version_equals_reference(name):
     np.testing.assert_array_equal(out.numpy(), pipe.reference(SRC, idx, params))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("tx", [10, 13, -13])
+def test_translation_by_a_whole_width_or_more_stays_inside_the_output(channels_last, tx):
+    """A shift of the whole width (or more) leaves a row of fill; nothing is written past it."""
+    pipe = Pipeline([RandomTranslate(14, fill=3), *([ChannelsLast()] if channels_last else [])])
+    n = 4
+    idx = np.arange(n)
+    params = {"ty": np.zeros(n, np.int64), "tx": np.full(n, tx, np.int64)}
+    shape = (n, *pipe.output_shape(SRC.shape[1:]))
+    buf = np.full((n + 1, *shape[1:]), 77, np.uint8)      # one guard image after the output
+    out = pipe(SRC, idx, params, out=buf[:n])
+    np.testing.assert_array_equal(out, pipe.reference(SRC, idx, params))
+    assert (out == 3).all() and (buf[n] == 77).all()
+
+
 def test_reference_ops_do_what_they_say():
     img = np.arange(4 * 5 * 1, dtype=np.uint8).reshape(4, 5, 1)
     np.testing.assert_array_equal(RandomHorizontalFlip.reference(img, True)[:, 0], img[:, -1])
