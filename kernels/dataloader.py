@@ -354,6 +354,8 @@ class _EpochIterator:
         return out
 
     def close(self):
+        """Stop the producer; the iterator is then exhausted (batches already made are dropped)."""
+        self._done = True
         self._finalizer()
 
     def __enter__(self):

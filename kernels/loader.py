@@ -63,7 +63,14 @@ def _as_blocks(name, value):
             raise LoaderFileError(f"field {name!r} has dtype object; store variable-size values as bytes")
         return {"name": name, "kind": "fixed", "dtype": a.dtype.str, "shape": list(a.shape[1:]),
                 "nbytes": int(a.nbytes), "crc32": _crc(a) if a.nbytes else 0}, [a], len(a)
-    items = [v.encode() if isinstance(v, str) else bytes(v) for v in value]
+    items = []
+    for v in value:
+        if isinstance(v, str):
+            v = v.encode()
+        elif not isinstance(v, (bytes, bytearray, memoryview)):   # bytes(3) would be three zero bytes
+            raise LoaderFileError(f"field {name!r}: a bytes field holds bytes or str values, got "
+                                  f"{type(v).__name__}; pass numbers as a NumPy array")
+        items.append(bytes(v))
     offsets = np.zeros(len(items) + 1, np.uint64)
     np.cumsum([len(v) for v in items], out=offsets[1:])
     data = b"".join(items)

@@ -69,6 +69,7 @@ def test_batches_are_the_pipeline_applied_to_the_order(path):
         np.testing.assert_array_equal(got.permute(0, 2, 3, 1).numpy(), expect)
         np.testing.assert_array_equal(batch["label"].numpy(), idx)
     it.close()
+    assert list(it) == []          # closed: exhausted at once, not waiting on a stopped producer
 
 
 def test_resident_mode_gives_the_same_batches(path):
@@ -158,6 +159,6 @@ def test_encoded_images_are_decoded_then_transformed(tmp_path):
                                                                                        "label": LABELS[:40]}),
                                               16, seed=4, pipelines={"image": pipe})]
     enc = [b["image"].clone() for b in Loader(p, 16, seed=4, pipelines={"image": pipe})]
-    assert all(torch.equal(a, b) for a, b in zip(raw, enc))
+    assert len(raw) == len(enc) == 3 and all(torch.equal(a, b) for a, b in zip(raw, enc))
     with pytest.raises(ValueError, match="give it a Pipeline"):
         Loader(p, 16)

@@ -57,6 +57,14 @@ def test_not_a_loader_file(tmp_path):
         LoaderFile(tmp_path / "missing.pvl")
 
 
+def test_bytes_field_refuses_numbers(tmp_path):
+    """A list of ints is not a bytes field (bytes(3) is three zero bytes): refused, not garbled."""
+    with pytest.raises(LoaderFileError, match="pass numbers as a NumPy array"):
+        write_loader_file(tmp_path / "a.pvl", {"label": [0, 1, 2, 3]})
+    p = write_loader_file(tmp_path / "b.pvl", {"id": ["a", b"bc", bytearray(b"d")]})
+    assert LoaderFile(p).take_bytes("id", [0, 1, 2]) == [b"a", b"bc", b"d"]
+
+
 def test_schema_mismatch_and_index_out_of_range(tmp_path):
     r = LoaderFile(write_loader_file(tmp_path / "a.pvl", _fields()))
     with pytest.raises(LoaderFileError, match="schema mismatch in 'image'"):
