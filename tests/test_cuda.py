@@ -18,12 +18,16 @@ def test_batched_training_on_cuda_matches_cpu():
     subsets = [np.arange(0, 256, 2), np.arange(1, 256, 2)]
     recipe = Recipe(epochs=2, batch_size=32, lr=0.05, amp=False)   # float32 both sides: compared to rounding
     cpu = train_stacked(make, x, y, subsets, [1, 2], recipe)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    gpu = train_stacked(make, x.cuda(), y.cuda(), subsets, [1, 2], recipe)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # float32 on the GPU too
+    try:
+        gpu = train_stacked(make, x.cuda(), y.cuda(), subsets, [1, 2], recipe)
+        predicted = predict_stacked(make, gpu, x.cuda()).cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     for k in cpu:
         torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(predict_stacked(make, gpu, x.cuda()).cpu(), predict_stacked(make, cpu, x),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(predicted, predict_stacked(make, cpu, x), rtol=1e-3, atol=1e-3)
 
 
 def test_projected_gradients_on_cuda_match_cpu():

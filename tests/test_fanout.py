@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from cli import ensure_dagster_home
 from tests.test_lineage import TINY, TINY_TRAK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,11 +19,10 @@ def test_lineage_job_fans_training_out_over_processes(tmp_path):
     exp_dir.mkdir()
     spec = {**TINY, "training": {"epochs": 30, "batch_size": 32, "models_per_batch": 12}, "trak": TINY_TRAK}
     (exp_dir / "fan.yaml").write_text(yaml.safe_dump(spec))
-    (home / "dagster").mkdir(parents=True)
-    (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    dagster_home = ensure_dagster_home(home)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}}))
     env = {**os.environ, "PROVENANCE_HOME": str(home), "PROVENANCE_EXPERIMENTS": str(exp_dir),
-           "DAGSTER_HOME": str(home / "dagster")}
+           "DAGSTER_HOME": str(dagster_home)}
     subprocess.run([sys.executable, "-c", "from dagster import DagsterInstance; "
                     "DagsterInstance.get().add_dynamic_partitions('experiments', ['fan'])"],
                    cwd=ROOT, env=env, check=True)
