@@ -13,7 +13,9 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+from kernels import workers as worker_pool
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,35 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A CPU training step allocates and frees the same few megabytes of activations and gradients
+    every step.  With glibc's defaults part of that goes back to the kernel (trimmed heap tops,
+    mmap'd blocks) and comes back as page faults on first touch: 60 per small-CNN step, each
+    costly in a VM and, with models on threads of one process, serialised on the process's
+    memory map.  Keeping it (mmap threshold 32 MiB, the most glibc takes; trim threshold 1 GiB;
+    64 MiB top pad) gave 4-6% more models per hour on the 2-core machine (docs/decisions.md).
+    The process then holds its peak heap until it exits.  Once per process; skipped where the
+    C library is not glibc or the user set any of glibc's MALLOC_*_ variables.  Returns whether
+    the settings are in effect."""
+    import ctypes
+    import os
+    import platform
+
+    if platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in
+                                                  ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+                and libc.mallopt(m_top_pad, 64 << 20))
+
+
 def uses_bf16(recipe: Recipe, model: nn.Module, device: torch.device) -> bool:
     """The precision a recipe trains at on this device.  ``amp=True``: bfloat16 autocast
     (float32 master weights) everywhere; ``False``: float32; ``"auto"``: bfloat16 for
@@ -189,6 +222,8 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
     """
     if len(subsets) != len(seeds):
         raise ValueError(f"{len(subsets)} subsets but {len(seeds)} seeds")
+    if x.device.type == "cpu":
+        keep_freed_memory()
     probe = make_model()
     if lockstep is None:
         lockstep = lockstep_pays(probe, x.device)
@@ -256,9 +291,10 @@ def _train_sequential(make_model, probe, x, y, subsets, seeds, recipe, on_epoch,
     ``probe`` is one model from ``make_model``, for its structure.  Convolutional models on the
     CPU run channels-last (so the small CNN takes its numba kernels, kernels/conv_pool.py and
     kernels/pool.py), and one model per core: each model on one intra-op thread, as many models
-    at a time as torch has threads.  One thread per model always, also for a lone model, so a
-    model's bits do not depend on how many models share its shard or on the machine's core count
-    (oneDNN's results change with the thread count).  Models draw their initialisation from the
+    at a time as torch has threads, in worker processes (kernels/workers.py; on threads where
+    ``cpu_workers()`` says so, with the same results bit for bit).  One thread per model always,
+    also for a lone model, so a model's bits do not depend on how many models share its shard or
+    on the machine's core count (oneDNN's results change with the thread count).  Models draw their initialisation from the
     global torch generator under a lock; models with random layers (dropout, stochastic depth)
     would also draw while training, so they train one at a time."""
     device = x.device
@@ -277,20 +313,48 @@ def _train_sequential(make_model, probe, x, y, subsets, seeds, recipe, on_epoch,
         return _train_one(make_model, x, y, subset, seed, recipe, amp, per_core, report, snapshots or {}, init_lock)
 
     jobs = list(zip(subsets, seeds))
-    if per_core:
-        threads = torch.get_num_threads()
+    threads = torch.get_num_threads()
+    workers = 1 if has_random_layers(probe) else max(1, min(threads, len(jobs)))
+    results = None
+    if per_core and workers > 1 and cpu_workers() == "processes":
+        snap_epochs = tuple(snapshots or {})
+        try:
+            out = worker_pool.run(functools.partial(_train_job, make_model), (x, y, recipe, amp, snap_epochs), jobs,
+                                  workers, on_progress=lambda i, epoch, loss: report(epoch, loss))
+            results = [(o["state"], {e: o[f"epoch{e}"] for e in snap_epochs}) for o in out]
+        except worker_pool.WorkerStartError as e:     # same models on threads, a little slower
+            warnings.warn(f"{e} Training on threads instead.", RuntimeWarning, stacklevel=2)
+    if results is None and per_core:
         torch.set_num_threads(1)
         try:
-            workers = 1 if has_random_layers(probe) else max(1, min(threads, len(jobs)))
             with ThreadPoolExecutor(workers, thread_name_prefix="train") as pool:
                 results = list(pool.map(one, jobs))
         finally:
             torch.set_num_threads(threads)
-    else:
+    elif results is None:
         results = [one(j) for j in jobs]
     for e in snapshots or {}:
         snapshots[e] = {k: torch.stack([snaps[e][k] for _, snaps in results]) for k in results[0][0]}
     return {k: torch.stack([state[k] for state, _ in results]) for k in results[0][0]}
+
+
+def cpu_workers() -> str:
+    """Where CPU convolutional models train one per core: "processes" (the default, where the
+    forkserver start method exists: kernels/workers.py) or "threads" (environment variable
+    PROVENANCE_CPU_WORKERS=threads)."""
+    want = os.environ.get("PROVENANCE_CPU_WORKERS", "processes")
+    if want not in ("processes", "threads"):
+        raise ValueError(f"PROVENANCE_CPU_WORKERS: expected 'processes' or 'threads', got {want!r}")
+    return want if worker_pool.available() else "threads"
+
+
+def _train_job(make_model, x, y, recipe, amp, snapshot_epochs, job, progress) -> dict:
+    """One model in a worker process (kernels/workers.py), on its one thread: {"state": ...,
+    "epoch<e>": ...}; progress(epoch, mean loss) after each epoch."""
+    keep_freed_memory()
+    subset, seed = job
+    state, snaps = _train_one(make_model, x, y, subset, seed, recipe, amp, True, progress, set(snapshot_epochs))
+    return {"state": state, **{f"epoch{e}": v for e, v in snaps.items()}}
 
 
 def has_random_layers(model: nn.Module) -> bool:
