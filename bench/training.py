@@ -8,8 +8,10 @@ the one model.  The engine trains the same models from resident tensors (kernels
 in lockstep where that pays (small models); convolutional models on the CPU one per core,
 channels-last, with the fused first block (kernels/conv_pool.py) and the numba ReLU + max-pool
 (kernels/pool.py) and, on CPUs with native bfloat16, bfloat16
-autocast (the recipe's ``amp="auto"``).  Same data, same α = 0.5 subsets; runs alternate (engine,
-plain, ...) after a warm-up; medians are reported.
+autocast (the recipe's ``amp="auto"``).  Same data, same α = 0.5 subsets; each system runs in a
+process of its own (the engine sets glibc's malloc to keep freed memory, process-wide, and the
+plain loop must not profit from it), warmed up, and runs alternate (engine, plain, ...) one at a
+time; medians are reported.
 
 To show what the engine adds beyond precision and layout, the CNN case also runs the plain loop
 with the engine's precision, layout and model kernels (bfloat16 autocast where the engine uses
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import math
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -112,30 +115,88 @@ def engine(make, x, y, subsets, seeds, recipe, device):
     return out
 
 
-def run_case(make, make_plain, x, y, recipe, device, n_engine, runs, tuned_plain):
-    """Models per hour of each system, per run: {system: [runs]}.  ``make_plain`` builds the
-    textbook model for the plain loop; the tuned plain loop uses the engine's model (``make``)."""
+def build_cases(quick: bool) -> dict:
+    """{case: (make, make_plain, x, y, recipe, device, n_engine, data, tuned_plain)}; each system's
+    process builds its own (models are closures, data is big: neither is sent between processes)."""
+    cpu = torch.device("cpu")
+    x, y, what = fashion(6000 if quick else None)
+    rec = Recipe(epochs=1 if quick else 2, batch_size=64, lr=0.05)      # amp="auto", the default
+    cases = {"fmnist-smallcnn": (lambda: build_model("small_cnn", (1, 28, 28), 10, 32),
+                                 lambda: TextbookSmallCNN((1, 28, 28), 10, 32), x, y, rec, cpu, 2 if quick else 4,
+                                 what, True)}
+    xd, yd, _ = digits()
+    mlp = lambda: build_model("mlp", (1, 8, 8), 10, 64)   # noqa: E731
+    cases["digits-mlp"] = (mlp, mlp, xd, yd, Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if quick else 256,
+                           "digits", False)
+    if torch.cuda.is_available():
+        n = 10000 if quick else 50000
+        g = torch.Generator().manual_seed(0)
+        xc, yc = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+        rr = Recipe(epochs=2 if quick else 4, batch_size=512, lr=0.5, label_smoothing=0.1, amp=True,
+                    channels_last=True)
+        resnet9 = lambda: build_model("resnet9", (3, 32, 32), 10, 64)   # noqa: E731
+        cases["cifar-resnet9"] = (resnet9, resnet9, xc, yc, rr, torch.device("cuda"), 2, "random CIFAR-shaped", False)
+    return cases
+
+
+def systems_of(case: tuple) -> list[str]:
+    return ["provenance", "plain_pytorch"] + (["plain_pytorch_bf16_cl"] if case[8] else [])
+
+
+def system_process(conn, case_name: str, system: str, quick: bool) -> None:
+    """One system of one case, in a process of its own: warms up, then for each round number
+    received runs once and sends back models per hour.  Separate processes keep what a system
+    does to its process (the engine's malloc settings, thread pools, oneDNN and numba caches)
+    from reaching the other system."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    make, make_plain, x, y, recipe, device, n_engine, _, _ = build_cases(quick)[case_name]
     rng = np.random.default_rng(0)
     n = len(y)
     subsets = [np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(n_engine)]
     one_epoch = Recipe(**{**recipe.__dict__, "epochs": 1})
-    systems = {"provenance": lambda r: engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)),
-                                              recipe, device),
-               "plain_pytorch": lambda r: plain_loop(make_plain, x, y, subsets[0], r, recipe, device)}
-    if tuned_plain:
-        systems["plain_pytorch_bf16_cl"] = lambda r: plain_loop(make, x, y, subsets[0], r, recipe, device, tuned=True)
-    models = {"provenance": n_engine}
-    engine(make, x, y, subsets[:1], [0], one_epoch, device)   # warm-up
-    plain_loop(make_plain, x, y, subsets[0], 0, one_epoch, device)
-    if tuned_plain:
-        plain_loop(make, x, y, subsets[0], 0, one_epoch, device, tuned=True)
-    out = {s: [] for s in systems}
-    for r in range(runs):
-        for s, run in systems.items():
-            t0 = time.perf_counter()
-            run(r)
-            out[s].append(3600 * models.get(s, 1) / (time.perf_counter() - t0))
-    return out
+    if system == "provenance":
+        models = n_engine
+        run = lambda r, rec: engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)), rec, device)  # noqa: E731
+    else:
+        models = 1
+        run = lambda r, rec: plain_loop(make if system == "plain_pytorch_bf16_cl" else make_plain,  # noqa: E731
+                                        x, y, subsets[0], r, rec, device, tuned=system == "plain_pytorch_bf16_cl")
+    run(0, one_epoch)   # warm-up
+    conn.send("ready")
+    while (r := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        run(r, recipe)
+        conn.send(3600 * models / (time.perf_counter() - t0))
+
+
+def run_case(case_name: str, systems: list[str], runs: int, quick: bool) -> dict:
+    """Models per hour of each system, per run: {system: [runs]}.  Each system runs in its own
+    process; rounds alternate the systems (one at a time, so they never share the cores)."""
+    ctx = mp.get_context("spawn")
+    procs = {}
+    try:
+        for s in systems:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=system_process, args=(child, case_name, s, quick), daemon=True)
+            p.start()
+            procs[s] = (p, parent)
+            if parent.recv() != "ready":    # warm up one at a time
+                raise RuntimeError(f"{s} did not start")
+        out = {s: [] for s in systems}
+        for r in range(runs):
+            for s in systems:
+                procs[s][1].send(r)
+                out[s].append(procs[s][1].recv())
+        return out
+    finally:
+        for p, conn in procs.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
 
 
 def main() -> int:
@@ -144,30 +205,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
-    torch.set_num_threads(os.cpu_count() or 1)
     results, ratios, rows, config = [], [], [], {}
-    cpu = torch.device("cpu")
-
-    x, y, what = fashion(6000 if args.quick else None)
-    rec = Recipe(epochs=1 if args.quick else 2, batch_size=64, lr=0.05)      # amp="auto", the default
-    cases = [("fmnist-smallcnn", lambda: build_model("small_cnn", (1, 28, 28), 10, 32),
-              lambda: TextbookSmallCNN((1, 28, 28), 10, 32), x, y, rec, cpu, 2 if args.quick else 4, what, True)]
-    xd, yd, _ = digits()
-    mlp = lambda: build_model("mlp", (1, 8, 8), 10, 64)   # noqa: E731
-    cases.append(("digits-mlp", mlp, mlp, xd, yd,
-                  Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if args.quick else 256, "digits", False))
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        n = 10000 if args.quick else 50000
-        xc = torch.randn(n, 3, 32, 32)
-        yc = torch.randint(0, 10, (n,))
-        rr = Recipe(epochs=2 if args.quick else 4, batch_size=512, lr=0.5, label_smoothing=0.1, amp=True,
-                    channels_last=True)
-        resnet9 = lambda: build_model("resnet9", (3, 32, 32), 10, 64)   # noqa: E731
-        cases.append(("cifar-resnet9", resnet9, resnet9, xc, yc, rr, gpu, 2,
-                      "random CIFAR-shaped", False))
-    for name, make, make_plain, xx, yy, recipe, device, n_engine, data, tuned in cases:
-        per_run = run_case(make, make_plain, xx, yy, recipe, device, n_engine, runs, tuned)
+    cases = build_cases(args.quick)
+    for name, (make, make_plain, xx, yy, recipe, device, n_engine, data, tuned) in cases.items():
+        per_run = run_case(name, systems_of(cases[name]), runs, args.quick)
         med = {sys_: statistics.median(v) for sys_, v in per_run.items()}
         config[name] = {"data": data, "examples": len(yy), "alpha": 0.5, "device": str(device),
                         "engine_models_per_run": n_engine, "recipe": {k: v for k, v in recipe.__dict__.items()},
