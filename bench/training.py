@@ -32,6 +32,7 @@ import argparse
 import gzip
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import statistics
 import sys
@@ -169,6 +170,14 @@ def system_process(conn, case_name: str, system: str, quick: bool) -> None:
         conn.send(3600 * models / (time.perf_counter() - t0))
 
 
+def answer(p, conn):
+    """The next message from a system's process, or an error if the process died."""
+    mp.connection.wait([conn, p.sentinel])
+    if not conn.poll():
+        raise RuntimeError(f"a benchmark process exited with code {p.exitcode} (its traceback is above)")
+    return conn.recv()
+
+
 def run_case(case_name: str, systems: list[str], runs: int, quick: bool) -> dict:
     """Models per hour of each system, per run: {system: [runs]}.  Each system runs in its own
     process; rounds alternate the systems (one at a time, so they never share the cores)."""
@@ -177,16 +186,16 @@ def run_case(case_name: str, systems: list[str], runs: int, quick: bool) -> dict
     try:
         for s in systems:
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=system_process, args=(child, case_name, s, quick), daemon=True)
-            p.start()
+            p = ctx.Process(target=system_process, args=(child, case_name, s, quick))   # not daemonic: the
+            p.start()                                                                 # engine starts workers
             procs[s] = (p, parent)
-            if parent.recv() != "ready":    # warm up one at a time
+            if answer(p, parent) != "ready":    # warm up one at a time
                 raise RuntimeError(f"{s} did not start")
         out = {s: [] for s in systems}
         for r in range(runs):
             for s in systems:
                 procs[s][1].send(r)
-                out[s].append(procs[s][1].recv())
+                out[s].append(answer(*procs[s]))
         return out
     finally:
         for p, conn in procs.values():

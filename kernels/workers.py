@@ -106,6 +106,9 @@ class Pool:
     def __init__(self, n: int, threads_per_worker: int = 1):
         import torch.multiprocessing  # noqa: F401 - registers the shared-memory tensor pickler
 
+        if mp.current_process().daemon:
+            raise WorkerStartError("a daemonic process (a multiprocessing pool's worker) cannot start worker "
+                                   "processes.")
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         self.n = n
@@ -114,7 +117,11 @@ class Pool:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_serve, args=(child, threads_per_worker), daemon=True,
                             name="provenance-worker")
-            p.start()
+            try:
+                p.start()
+            except (OSError, RuntimeError) as e:
+                self.close(kill=True)
+                raise WorkerStartError(f"could not start a worker process ({e}).") from e
             child.close()
             self.conns.append(parent)
             self.procs.append(p)
