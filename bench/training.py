@@ -15,7 +15,9 @@ time; medians are reported.
 
 To show what the engine adds beyond precision and layout, the CNN case also runs the plain loop
 with the engine's precision, layout and model kernels (bfloat16 autocast where the engine uses
-it, channels-last, the fused first block and numba pool): ``plain_pytorch_bf16_cl``.
+it, channels-last, the fused first block and numba pool): ``plain_pytorch_bf16_cl``; and the
+engine with its models on threads of one process instead of worker processes
+(``PROVENANCE_CPU_WORKERS=threads``): ``provenance_threads``.
 
 Cases (CPU):
   fmnist-smallcnn  small CNN (width 32) on Fashion-MNIST (synthetic if not installed), α = 0.5
@@ -141,7 +143,7 @@ def build_cases(quick: bool) -> dict:
 
 
 def systems_of(case: tuple) -> list[str]:
-    return ["provenance", "plain_pytorch"] + (["plain_pytorch_bf16_cl"] if case[8] else [])
+    return ["provenance", "plain_pytorch"] + (["plain_pytorch_bf16_cl", "provenance_threads"] if case[8] else [])
 
 
 def system_process(conn, case_name: str, system: str, quick: bool) -> None:
@@ -155,7 +157,11 @@ def system_process(conn, case_name: str, system: str, quick: bool) -> None:
     n = len(y)
     subsets = [np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(n_engine)]
     one_epoch = Recipe(**{**recipe.__dict__, "epochs": 1})
-    if system == "provenance":
+    if system == "provenance_threads":
+        os.environ["PROVENANCE_CPU_WORKERS"] = "threads"
+    elif system == "provenance":
+        os.environ.pop("PROVENANCE_CPU_WORKERS", None)    # the default: worker processes
+    if system in ("provenance", "provenance_threads"):
         models = n_engine
         run = lambda r, rec: engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)), rec, device)  # noqa: E731
     else:
