@@ -149,12 +149,11 @@ def keep_freed_memory() -> bool:
     mmap'd blocks) and comes back as page faults on first touch: 60 per small-CNN step, each
     costly in a VM and, with models on threads of one process, serialised on the process's
     memory map.  Keeping it (mmap threshold 32 MiB, the most glibc takes; trim threshold 1 GiB;
-    64 MiB top pad) gave 4-6% more models per hour on the 2-core machine (docs/decisions.md).
+    64 MiB top pad) gave 4-12% more models per hour on the 2-core machine (docs/decisions.md).
     The process then holds its peak heap until it exits.  Once per process; skipped where the
     C library is not glibc or the user set any of glibc's MALLOC_*_ variables.  Returns whether
     the settings are in effect."""
     import ctypes
-    import os
     import platform
 
     if platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in
@@ -294,9 +293,10 @@ def _train_sequential(make_model, probe, x, y, subsets, seeds, recipe, on_epoch,
     at a time as torch has threads, in worker processes (kernels/workers.py; on threads where
     ``cpu_workers()`` says so, with the same results bit for bit).  One thread per model always,
     also for a lone model, so a model's bits do not depend on how many models share its shard or
-    on the machine's core count (oneDNN's results change with the thread count).  Models draw their initialisation from the
-    global torch generator under a lock; models with random layers (dropout, stochastic depth)
-    would also draw while training, so they train one at a time."""
+    on the machine's core count (oneDNN's results change with the thread count).  Models draw
+    their initialisation from the global torch generator (under a lock on threads); models with
+    random layers (dropout, stochastic depth) would also draw while training, so they train one
+    at a time."""
     device = x.device
     per_core = device.type == "cpu" and has_conv(probe)
     amp = uses_bf16(recipe, probe, device)
