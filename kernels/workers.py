@@ -158,17 +158,18 @@ class Pool:
         for c in self.conns:
             c.close()
 
-    def map(self, fn: Callable, args: tuple, jobs: Sequence, on_progress: Callable | None = None) -> list:
+    def map(self, fn: Callable, args: tuple, jobs: Sequence, on_progress: Callable | None = None,
+            workers: int | None = None) -> list:
         """``[fn(*args, job, progress) for job in jobs]``, run on the workers, in job order.
 
         ``fn`` returns a dict of {name: {tensor name: tensor}} (each inner dict comes back as
         tensors); ``progress(*payload)`` in a worker calls ``on_progress(job index, *payload)``
-        here, on the calling thread."""
+        here, on the calling thread.  At most ``workers`` (default: all) work at once."""
         import cloudpickle
         from safetensors.torch import load
 
         blob = cloudpickle.dumps(fn)
-        use = list(range(min(self.n, len(jobs))))
+        use = list(range(min(self.n, workers or self.n, len(jobs))))
         for w in use:
             self.conns[w].send(("setup", blob, args))
         todo = deque(enumerate(jobs))
@@ -213,18 +214,18 @@ _lock = threading.Lock()
 
 
 def run(fn: Callable, args: tuple, jobs: Sequence, workers: int, on_progress: Callable | None = None) -> list:
-    """``Pool.map`` on this process's pool of ``workers`` processes (started on first use and
-    kept; a pool of another size is replaced).  One call at a time per process; a failed call
-    shuts the pool down, so the next one starts clean."""
+    """``Pool.map`` on ``workers`` processes of this process's pool (started on first use and
+    kept; a smaller pool is replaced by one of ``workers``, a larger one lends that many).  One
+    call at a time per process; a failed call shuts the pool down, so the next one starts clean."""
     global _pool
     with _lock:
-        if _pool is not None and (_pool.n != workers or not _pool.alive()):
+        if _pool is not None and (_pool.n < workers or not _pool.alive()):
             _pool.close()
             _pool = None
         if _pool is None:
             _pool = Pool(workers)
         try:
-            return _pool.map(fn, args, jobs, on_progress)
+            return _pool.map(fn, args, jobs, on_progress, workers)
         except BaseException:
             _shutdown_locked()
             raise

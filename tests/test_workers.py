@@ -112,3 +112,11 @@ def test_a_script_without_the_main_guard_still_trains_on_threads(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained (2, 4, 1, 3, 3)" in r.stdout
     assert "warned True" in r.stdout
+
+
+def test_a_larger_pool_serves_a_smaller_call_without_restarting():
+    workers.run(_double, (), [1, 2], 2)
+    pids = [p.pid for p in workers._pool.procs]
+    out = workers.run(_double, (), [3, 4, 5], 1)          # one worker at a time, same processes
+    assert [o["out"]["v"].tolist() for o in out] == [[6.0, 6.0], [8.0, 8.0], [10.0, 10.0]]
+    assert [p.pid for p in workers._pool.procs] == pids
