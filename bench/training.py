@@ -118,32 +118,33 @@ def engine(make, x, y, subsets, seeds, recipe, device):
     return out
 
 
-def build_cases(quick: bool) -> dict:
-    """{case: (make, make_plain, x, y, recipe, device, n_engine, data, tuned_plain)}; each system's
-    process builds its own (models are closures, data is big: neither is sent between processes)."""
+CASES = ("fmnist-smallcnn", "digits-mlp", "cifar-resnet9")   # the last needs CUDA
+
+
+def build_case(name: str, quick: bool) -> tuple:
+    """(make, make_plain, x, y, recipe, device, n_engine, data, tuned_plain) of one case; each
+    system's process builds its own (models are closures, data is big: neither is sent between
+    processes)."""
     cpu = torch.device("cpu")
-    x, y, what = fashion(6000 if quick else None)
-    rec = Recipe(epochs=1 if quick else 2, batch_size=64, lr=0.05)      # amp="auto", the default
-    cases = {"fmnist-smallcnn": (lambda: build_model("small_cnn", (1, 28, 28), 10, 32),
-                                 lambda: TextbookSmallCNN((1, 28, 28), 10, 32), x, y, rec, cpu, 2 if quick else 4,
-                                 what, True)}
-    xd, yd, _ = digits()
-    mlp = lambda: build_model("mlp", (1, 8, 8), 10, 64)   # noqa: E731
-    cases["digits-mlp"] = (mlp, mlp, xd, yd, Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if quick else 256,
-                           "digits", False)
-    if torch.cuda.is_available():
-        n = 10000 if quick else 50000
-        g = torch.Generator().manual_seed(0)
-        xc, yc = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-        rr = Recipe(epochs=2 if quick else 4, batch_size=512, lr=0.5, label_smoothing=0.1, amp=True,
-                    channels_last=True)
-        resnet9 = lambda: build_model("resnet9", (3, 32, 32), 10, 64)   # noqa: E731
-        cases["cifar-resnet9"] = (resnet9, resnet9, xc, yc, rr, torch.device("cuda"), 2, "random CIFAR-shaped", False)
-    return cases
+    if name == "fmnist-smallcnn":
+        x, y, what = fashion(6000 if quick else None)
+        rec = Recipe(epochs=1 if quick else 2, batch_size=64, lr=0.05)      # amp="auto", the default
+        return (lambda: build_model("small_cnn", (1, 28, 28), 10, 32), lambda: TextbookSmallCNN((1, 28, 28), 10, 32),
+                x, y, rec, cpu, 2 if quick else 4, what, True)
+    if name == "digits-mlp":
+        xd, yd, _ = digits()
+        mlp = lambda: build_model("mlp", (1, 8, 8), 10, 64)   # noqa: E731
+        return mlp, mlp, xd, yd, Recipe(epochs=30, batch_size=64, lr=0.05), cpu, 64 if quick else 256, "digits", False
+    n = 10000 if quick else 50000
+    g = torch.Generator().manual_seed(0)
+    xc, yc = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    rr = Recipe(epochs=2 if quick else 4, batch_size=512, lr=0.5, label_smoothing=0.1, amp=True, channels_last=True)
+    resnet9 = lambda: build_model("resnet9", (3, 32, 32), 10, 64)   # noqa: E731
+    return resnet9, resnet9, xc, yc, rr, torch.device("cuda"), 2, "random CIFAR-shaped", False
 
 
-def systems_of(case: tuple) -> list[str]:
-    return ["provenance", "plain_pytorch"] + (["plain_pytorch_bf16_cl", "provenance_threads"] if case[8] else [])
+def systems_of(tuned_plain: bool) -> list[str]:
+    return ["provenance", "plain_pytorch"] + (["plain_pytorch_bf16_cl", "provenance_threads"] if tuned_plain else [])
 
 
 def system_process(conn, case_name: str, system: str, quick: bool) -> None:
@@ -152,22 +153,23 @@ def system_process(conn, case_name: str, system: str, quick: bool) -> None:
     does to its process (the engine's malloc settings, thread pools, oneDNN and numba caches)
     from reaching the other system."""
     torch.set_num_threads(os.cpu_count() or 1)
-    make, make_plain, x, y, recipe, device, n_engine, _, _ = build_cases(quick)[case_name]
+    make, make_plain, x, y, recipe, device, n_engine, _, _ = build_case(case_name, quick)
     rng = np.random.default_rng(0)
     n = len(y)
     subsets = [np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(n_engine)]
     one_epoch = Recipe(**{**recipe.__dict__, "epochs": 1})
-    if system == "provenance_threads":
-        os.environ["PROVENANCE_CPU_WORKERS"] = "threads"
-    elif system == "provenance":
-        os.environ.pop("PROVENANCE_CPU_WORKERS", None)    # the default: worker processes
     if system in ("provenance", "provenance_threads"):
+        if system == "provenance_threads":
+            os.environ["PROVENANCE_CPU_WORKERS"] = "threads"
+        else:
+            os.environ.pop("PROVENANCE_CPU_WORKERS", None)    # the default: worker processes
         models = n_engine
         run = lambda r, rec: engine(make, x, y, subsets, list(range(r * 100, r * 100 + n_engine)), rec, device)  # noqa: E731
     else:
+        tuned = system == "plain_pytorch_bf16_cl"
         models = 1
-        run = lambda r, rec: plain_loop(make if system == "plain_pytorch_bf16_cl" else make_plain,  # noqa: E731
-                                        x, y, subsets[0], r, rec, device, tuned=system == "plain_pytorch_bf16_cl")
+        run = lambda r, rec: plain_loop(make if tuned else make_plain, x, y, subsets[0], r, rec, device,  # noqa: E731
+                                        tuned=tuned)
     run(0, one_epoch)   # warm-up
     conn.send("ready")
     while (r := conn.recv()) is not None:
@@ -221,9 +223,11 @@ def main() -> int:
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
     results, ratios, rows, config = [], [], [], {}
-    cases = build_cases(args.quick)
-    for name, (make, make_plain, xx, yy, recipe, device, n_engine, data, tuned) in cases.items():
-        per_run = run_case(name, systems_of(cases[name]), runs, args.quick)
+    for name in CASES:
+        if name == "cifar-resnet9" and not torch.cuda.is_available():
+            continue
+        make, make_plain, xx, yy, recipe, device, n_engine, data, tuned = build_case(name, args.quick)
+        per_run = run_case(name, systems_of(tuned), runs, args.quick)
         med = {sys_: statistics.median(v) for sys_, v in per_run.items()}
         config[name] = {"data": data, "examples": len(yy), "alpha": 0.5, "device": str(device),
                         "engine_models_per_run": n_engine, "recipe": {k: v for k, v in recipe.__dict__.items()},
