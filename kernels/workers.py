@@ -220,34 +220,28 @@ def run(fn: Callable, args: tuple, jobs: Sequence, workers: int, on_progress: Ca
     global _pool
     with _lock:
         if _pool is not None and (_pool.n < workers or not _pool.alive()):
-            _pool.close()
-            _pool = None
+            _drop_pool(kill=False)
         if _pool is None:
             _pool = Pool(workers)
         try:
             return _pool.map(fn, args, jobs, on_progress, workers)
         except BaseException:
-            _shutdown_locked()
+            _drop_pool(kill=True)         # a worker may be mid-job: do not wait for it
             raise
 
 
-def _shutdown_locked() -> None:
+def _drop_pool(kill: bool) -> None:
+    """Close the pool (the caller holds ``_lock``)."""
     global _pool
-    if _pool is not None:
-        pool, _pool = _pool, None
-        try:
-            pool.close(kill=True)         # a worker may be mid-job: do not wait for it
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
+    pool, _pool = _pool, None
+    if pool is not None:
+        pool.close(kill=kill)
 
 
 def shutdown() -> None:
     """Stop the worker processes (also done at exit)."""
-    global _pool
     with _lock:
-        if _pool is not None:
-            pool, _pool = _pool, None
-            pool.close()
+        _drop_pool(kill=False)
 
 
 atexit.register(shutdown)

@@ -230,3 +230,19 @@ def test_cpu_cnn_prediction_equals_each_model_alone():
             model.load_state_dict({k: v[i] for k, v in params.items()})
             torch.testing.assert_close(logits[i], model(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(tta[i], (model(x) + model(x.flip(-1))) / 2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_malloc_keeps_freed_memory_unless_the_user_tuned_it():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "from kernels.train import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    root = Path(__file__).resolve().parents[1]
+    run = lambda e: subprocess.run([sys.executable, "-c", code], cwd=root, env=e, capture_output=True,  # noqa: E731
+                                   text=True, check=True).stdout.split()[-1]
+    assert run(env) == "True"                                  # mallopt accepted every setting
+    assert run({**env, "MALLOC_TOP_PAD_": "0"}) == "False"     # the user's own setting wins
