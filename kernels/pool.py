@@ -122,8 +122,8 @@ class _ReluMaxPool(torch.autograd.Function):
         (arg,) = ctx.saved_tensors
         n, c, h, w = ctx.in_shape
         as_int, _ = _INT[g.dtype]
-        # flatten()'s backward hands over an NCHW gradient: one transposing copy (30 us for
-        # 64x64x7x7) makes the kernel's channel loops unit-stride (185 -> 41 us)
+        # flatten()'s backward hands over an NCHW gradient: one transposing copy makes the
+        # kernel's channel loops unit-stride (64x64x14x14 bf16: 185 -> 110 us, copy included)
         g = g.contiguous(memory_format=torch.channels_last)
         gin = torch.empty((n, h, w, c), dtype=g.dtype).permute(0, 3, 1, 2)
         _backward(_nhwc(g, as_int), arg.numpy(), _nhwc(gin, as_int))
