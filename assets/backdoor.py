@@ -1,4 +1,6 @@
-"""Backdoor report: strongest-feature detector vs spectral signatures, against poison_truth."""
+"""Backdoor report: every registered detector (strongest feature and the baselines), against poison_truth."""
+
+import base64
 
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
                      MaterializeResult, MetadataValue, asset)
@@ -10,7 +12,7 @@ from resources import ArtifactStoreResource, ComputeResource, ExperimentsResourc
 @asset(deps=["attribution_scores", "poison_truth", "checkpoints"], partitions_def=experiments_partitions,
        group_name="backdoor", kinds={"numba", "parquet"},
        check_specs=[AssetCheckSpec("detector_flagged_something", asset="backdoor_report",
-                                   description="The strongest-feature detector flagged at least one example.")],
+                                   description="The report's first detector (strongest feature by default) flagged at least one example.")],
        code_version="1")
 def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsResource,
                     store: ArtifactStoreResource, compute: ComputeResource):
@@ -21,7 +23,12 @@ def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsReso
     summary = backdoor.backdoor_report(experiments.load(key), s, key, compute.torch_device(), context.log.info)
     table = s.load_table(key, backdoor.REPORT, "summary.parquet")
     md = metadata(summary, {"path": s.path(key, backdoor.REPORT)})
-    md["summary"] = MetadataValue.md(table.drop(columns=["experiment"]).to_markdown(index=False))
+    md["summary"] = MetadataValue.md(table.drop(columns=["experiment", "flag_rule"]).to_markdown(index=False))
+    grid = s.path(key, backdoor.REPORT, "top_flagged.png")
+    md["top_flagged"] = MetadataValue.md(
+        f"Top-ranked training images of `{summary['grid_method']}` (red frame: truly poisoned)\n\n"
+        f"![top flagged](data:image/png;base64,{base64.b64encode(grid.read_bytes()).decode()})")
+    md["top_flagged_path"] = MetadataValue.path(str(grid))
     yield MaterializeResult(metadata=md)
     yield AssetCheckResult(check_name="detector_flagged_something", passed=summary["flagged"] > 0,
                            severity=AssetCheckSeverity.WARN, metadata={"flagged": summary["flagged"]})

@@ -31,6 +31,53 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("kernels.local_search needs numba (pip install numba)") from e
 
 
+PREPARATIONS = ("paper", "divide_q_center", "row_scale", "row_scale_center")
+
+
+def _center_label_blocks(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Every (label of target, label of source) block shifted to mean zero, diagonal excluded."""
+    a = a.copy()
+    np.fill_diagonal(a, np.nan)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for ia in members:
+        for ic in members:
+            block = a[np.ix_(ia, ic)]
+            a[np.ix_(ia, ic)] = block - np.nanmean(block)
+    np.fill_diagonal(a, 0.0)
+    return a
+
+
+def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarray,
+                     how: str = "divide_q_center") -> np.ndarray:
+    """The matrix the search runs on, from TRAK's train x train scores (row = target).
+
+    - ``paper``: TRAK's scores as they are (diagonal zeroed by the search).
+    - ``divide_q_center``: TRAK's out-to-loss weight Q divided back out of every column (it shrinks
+      the examples a backdoor fits well), then every (label, label) block centred at zero, so that
+      the search looks for the strongest feature beyond the labels (docs/decisions.md).
+    - ``row_scale``: every row (target) divided by its root mean square off the diagonal, so each
+      target's influence is measured in units of its own sensitivity: hard, high-gradient
+      examples no longer make the strongest "feature" by magnitude alone.
+    - ``row_scale_center``: row_scale, then the label blocks centred.
+    """
+    a = np.array(tau_train, np.float64)
+    labels = np.asarray(labels)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] != len(labels):
+        raise ValueError(f"the influence matrix must be n x n for the {len(labels)} training labels, "
+                         f"got shape {a.shape}")
+    if how not in PREPARATIONS:
+        raise ValueError(f"unknown preparation {how!r}; choose one of {', '.join(PREPARATIONS)}")
+    np.fill_diagonal(a, 0.0)
+    if how == "paper":
+        return a
+    if how == "divide_q_center":
+        a /= np.maximum(np.asarray(q_mean, np.float64), 1e-12)[None, :]
+        return _center_label_blocks(a, labels)
+    rms = np.sqrt((a * a).sum(1, keepdims=True) / max(1, len(a) - 1))
+    a /= np.where(rms > 0, rms, 1.0)
+    return _center_label_blocks(a, labels) if how == "row_scale_center" else a
+
+
 def default_sizes(n: int) -> list[int]:
     sizes = []
     k = 10

@@ -32,8 +32,18 @@ def lds(pred: np.ndarray, actual: np.ndarray) -> tuple[float, float, np.ndarray]
     return float(rho.mean()), float(half), rho
 
 
+def recall_at_fpr(scores: np.ndarray, truth: np.ndarray, fpr: float = 0.01) -> float:
+    """Share of the poisoned examples scored strictly above the clean examples' (1 - fpr) quantile:
+    the recall of a threshold that flags at most ``fpr`` of the clean examples (ties count against)."""
+    scores, truth = np.asarray(scores, np.float64), np.asarray(truth, bool)
+    clean = np.sort(scores[~truth])[::-1]
+    allowed = int(np.floor(fpr * len(clean)))        # clean examples allowed above the threshold
+    thr = clean[allowed] if allowed < len(clean) else -np.inf
+    return float((scores[truth] > thr).mean())
+
+
 def detection_metrics(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> dict:
-    """Precision/recall of the flagged set, recall within the top |poisoned|, AUROC."""
+    """Precision/recall of the flagged set, recall within the top |poisoned|, recall at 1% FPR, AUROC."""
     from sklearn.metrics import roc_auc_score
 
     truth = np.asarray(truth, bool)
@@ -41,11 +51,13 @@ def detection_metrics(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray
     p = int(truth.sum())
     tp = int((flagged & truth).sum())
     top = np.argsort(-scores, kind="stable")[:p]
+    both = 0 < p < len(truth)
     return {
         "n_poisoned": p,
         "n_flagged": int(flagged.sum()),
         "precision": tp / int(flagged.sum()) if flagged.any() else float("nan"),
         "recall": tp / p if p else float("nan"),
         "recall_at_budget": float(truth[top].mean()) if p else float("nan"),
-        "auroc": float(roc_auc_score(truth, scores)) if 0 < p < len(truth) else float("nan"),
+        "recall_at_fpr01": recall_at_fpr(scores, truth, 0.01) if both else float("nan"),
+        "auroc": float(roc_auc_score(truth, scores)) if both else float("nan"),
     }

@@ -1,8 +1,8 @@
-"""Backdoor report: the strongest-feature detector on the train x train TRAK matrix, spectral
-signatures as the baseline, metrics against poison_truth, and a retrain without the flagged set."""
+"""Backdoor report: every registered detector (ops/detectors.py) on the same experiment, metrics
+against poison_truth, a model retrained without each method's flagged set, and a model retrained
+without exactly the true poisons (the reference a filter can at best reach)."""
 from __future__ import annotations
 
-import json
 import time
 from typing import Callable
 
@@ -10,113 +10,123 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kernels.local_search import auto_flag, strongest_feature_scores
-from kernels.spectral import spectral_scores
 from kernels.stats import detection_metrics
-from kernels.train import train_stacked, unstack
+from kernels.train import train_stacked
+from ops.detectors import DETECTORS, Inputs
 from ops.spec import Spec
 from ops.store import ArtifactStore
-from ops.training import Data, evaluate, load_models, model_seed, recipe_of
+from ops.training import evaluate, model_seed, recipe_of
 
 REPORT = "backdoor_report"
 Log = Callable[[str], None]
+METRICS = ("precision", "recall", "recall_at_budget", "recall_at_fpr01", "auroc")
 
 
-def detector_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The influence matrix the search runs on (see docs/decisions.md, "Detector input").
-
-    1. Divide out TRAK's out-to-loss weight Q: it shrinks exactly the examples a backdoor fits
-       well (the poisons), and is a per-column scale, not influence.
-    2. Centre every (label of target, label of source) block at zero: examples of one class
-       support each other, and on small homogeneous datasets that class feature is stronger than
-       any trigger.  After centring, a set scores only for influence beyond what its labels
-       explain, and the search looks for the strongest feature other than the label.
-    """
-    a = np.asarray(tau_train, np.float64) / np.maximum(np.asarray(q_mean, np.float64), 1e-12)[None, :]
-    a = a.copy()
-    np.fill_diagonal(a, np.nan)
-    classes = np.unique(labels)
-    members = [np.flatnonzero(labels == c) for c in classes]
-    for ia in members:
-        for ic in members:
-            block = a[np.ix_(ia, ic)]
-            a[np.ix_(ia, ic)] = block - np.nanmean(block)
-    np.fill_diagonal(a, 0.0)
-    return a
-
-
-def _retrain_without(spec, make_model, data, flagged, target):
-    keep = np.flatnonzero(~flagged)
+def retrain_without(spec: Spec, inp: Inputs, drop: np.ndarray, target) -> tuple[float, float | None]:
+    """Clean accuracy and attack success of one model trained on the examples not in ``drop``."""
+    make_model, _, _, data = inp.models
+    keep = np.flatnonzero(~drop)
     params = train_stacked(make_model, data.x, data.y, [keep], [model_seed(spec, 10**6)], recipe_of(spec))
     ev = evaluate(make_model, params, data, target, spec.training.tta_flip)
-    return float(ev["accuracy"][0]), float(ev["asr"][0])
+    asr = float(ev["asr"][0])
+    return float(ev["accuracy"][0]), None if np.isnan(asr) else asr
+
+
+def top_grid(images: np.ndarray, order: np.ndarray, truth: np.ndarray | None, count: int = 32,
+             cols: int = 8, scale: int = 3) -> bytes:
+    """PNG of the ``count`` highest-ranked training images, a red frame around true poisons."""
+    import io
+
+    from PIL import Image
+
+    idx = order[:count]
+    h, w, c = images.shape[1:]
+    rows = (len(idx) + cols - 1) // cols
+    pad = 2
+    canvas = np.full((rows * (h + 2 * pad), cols * (w + 2 * pad), 3), 255, np.uint8)
+    for t, i in enumerate(idx):
+        r, col = divmod(t, cols)
+        y, x = r * (h + 2 * pad), col * (w + 2 * pad)
+        if truth is not None and truth[i]:
+            canvas[y:y + h + 2 * pad, x:x + w + 2 * pad] = (220, 30, 30)
+        img = images[i]
+        canvas[y + pad:y + pad + h, x + pad:x + pad + w] = img if c == 3 else np.repeat(img, 3, axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
     d = spec.detector
-    tau = store.load_npy(exp, "attribution_scores", "train_x_train.npy")
-    q_mean = store.load_npy(exp, "attribution_scores", "q_mean.npy")
     labels = np.asarray(store.load_npy(exp, "training_set", "train_labels.npy"))
     truth_raw = np.asarray(store.load_npy(exp, "training_set", "poisoned.npy"))
     meta = store.load_json(exp, "training_set", "meta.json")
     has_truth = bool((truth_raw >= 0).all())
     truth = truth_raw == 1
     n = len(labels)
+    inp = Inputs(spec, store, exp, device, log, labels)
+    target = meta["target_class"]
 
-    t0 = time.perf_counter()
-    a = detector_matrix(tau, q_mean, labels)
-    sf = strongest_feature_scores(a, sizes=d.sizes, restarts=d.restarts, swaps=d.swaps,
-                                  max_passes=d.max_passes, seed=spec.seed, size_exponent=d.size_exponent,
-                                  on_size=lambda i, k, size: log(f"local search: size {size} "
-                                                                 f"({i + 1}/{k}, {time.perf_counter() - t0:.1f}s)"))
-    if d.flag_count is not None:
-        flags_sf = np.zeros(n, bool)
-        flags_sf[np.argsort(-sf, kind="stable")[: d.flag_count]] = True
-    else:
-        flags_sf = auto_flag(sf, d.min_separation)
-    budget = int(flags_sf.sum())
-
-    make_model, params, meta_ckpt = load_models(spec, store, exp)
-    data = Data(store, exp, device, norm=json.loads(meta_ckpt["norm"]))
-    model = make_model().to(device)
-    model.load_state_dict(unstack(params, int(meta_ckpt["models"]) - 1))   # the model on all data
-    with torch.no_grad():
-        feats = model.embed(data.x).cpu().numpy()
-    ss = spectral_scores(feats, labels)
-    flags_ss = np.zeros(n, bool)
-    flags_ss[np.argsort(-ss, kind="stable")[:budget]] = True
-
-    rows, summary = [], []
-    for method, scores, flags in (("strongest_feature", sf, flags_sf), ("spectral_signatures", ss, flags_ss)):
+    t_all = time.perf_counter()
+    rows, summary, detections = [], [], {}
+    for method in d.methods:
+        t0 = time.perf_counter()
+        det = DETECTORS[method](inp)
+        det.seconds = time.perf_counter() - t0
+        detections[method] = det
+        scores, flags = np.asarray(det.scores, np.float64), np.asarray(det.flags, bool)
         order = np.argsort(-scores, kind="stable")
         rank = np.empty(n, np.int64)
         rank[order] = np.arange(1, n + 1)
         rows.append(pd.DataFrame({
             "experiment": exp, "method": method, "train_index": np.arange(n), "example_id": meta["train_ids"],
-            "score": scores.astype(np.float64), "rank": rank, "flagged": flags,
-            "poisoned": pd.array(np.where(truth, True, False) if has_truth else [None] * n, dtype="boolean")}))
-        m = detection_metrics(scores, flags, truth) if has_truth and truth.any() else {
-            "n_poisoned": int(truth.sum()) if has_truth else None, "n_flagged": int(flags.sum()),
-            "precision": None, "recall": None, "recall_at_budget": None, "auroc": None}
-        summary.append({"experiment": exp, "method": method, **m})
-        log(f"{method}: flagged {int(flags.sum())}" + (f", precision {m['precision']}, recall {m['recall']}, "
-                                                         f"AUROC {m['auroc']}" if has_truth else ""))
-    target = meta["target_class"]
-    clean_acc = asr = None
-    if d.retrain and flags_sf.any():
-        clean_acc, asr = _retrain_without(spec, make_model, data, flags_sf, target)
-        log(f"retrained without the {budget} flagged examples: accuracy {clean_acc:.3f}"
-            + (f", attack success {asr:.3f}" if asr is not None and not np.isnan(asr) else ""))
-    for s in summary:
-        s["retrain_accuracy"] = clean_acc if s["method"] == "strongest_feature" else None
-        s["retrain_attack_success_rate"] = (None if asr is None or np.isnan(asr) else asr) \
-            if s["method"] == "strongest_feature" else None
+            "score": scores, "rank": rank, "flagged": flags,
+            "poisoned": pd.array(truth if has_truth else [None] * n, dtype="boolean")}))
+        if has_truth and truth.any():
+            m = detection_metrics(scores, flags, truth)
+        else:
+            m = {"n_poisoned": int(truth.sum()) if has_truth else None, "n_flagged": int(flags.sum()),
+                 **{k: None for k in METRICS}}
+        row = {"experiment": exp, "method": method, **m, "flag_rule": det.rule, "seconds": round(det.seconds, 2),
+               "retrain_accuracy": None, "retrain_attack_success_rate": None}
+        summary.append(row)
+        log(f"{method}: flagged {int(flags.sum())} in {det.seconds:.1f}s" + (
+            f", precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUROC {m['auroc']:.3f}, "
+            f"recall at 1% FPR {m['recall_at_fpr01']:.3f}" if has_truth and truth.any() else ""))
+
+    reference = (None, None)
+    if d.retrain:
+        for row in summary:
+            flags = np.asarray(detections[row["method"]].flags, bool)
+            if flags.any():
+                acc, asr = retrain_without(spec, inp, flags, target)
+                row["retrain_accuracy"], row["retrain_attack_success_rate"] = acc, asr
+                log(f"{row['method']}: retrained without its {int(flags.sum())} flagged examples: accuracy "
+                    f"{acc:.3f}" + (f", attack success {asr:.3f}" if asr is not None else ""))
+        if has_truth and truth.any():
+            reference = retrain_without(spec, inp, truth, target)
+            log(f"reference: retrained without the {int(truth.sum())} true poisons: accuracy {reference[0]:.3f}"
+                + (f", attack success {reference[1]:.3f}" if reference[1] is not None else ""))
+    for row in summary:
+        row["reference_accuracy"], row["reference_attack_success_rate"] = reference
+
+    images = np.asarray(store.load_npy(exp, "training_set", "train_images.npy"))
+    first = d.methods[0]
+    grid = top_grid(images, np.argsort(-np.asarray(detections[first].scores), kind="stable"),
+                    truth if has_truth else None)
+    with store.atomic(exp, REPORT, "top_flagged.png") as tmp:
+        tmp.write_bytes(grid)
     store.save_table(exp, REPORT, "scores.parquet", pd.concat(rows, ignore_index=True))
     summary_df = pd.DataFrame(summary)
     for col in ("n_poisoned", "n_flagged"):
         summary_df[col] = summary_df[col].astype("Int64")
+    for col in (*METRICS, "retrain_accuracy", "retrain_attack_success_rate", "reference_accuracy",
+                "reference_attack_success_rate"):
+        summary_df[col] = summary_df[col].astype("float64")
     store.save_table(exp, REPORT, "summary.parquet", summary_df)
-    return {"truth_known": has_truth, "flagged": budget, "seconds": round(time.perf_counter() - t0, 1),
-            **{f"{s['method']}_{k}": s[k] for s in summary for k in ("precision", "recall", "recall_at_budget", "auroc")},
-            "retrain_accuracy": clean_acc, "retrain_attack_success_rate": asr}
-
+    main = summary[0]
+    return {"truth_known": has_truth, "flagged": int(main["n_flagged"]), "grid_method": first,
+            "seconds": round(time.perf_counter() - t_all, 1),
+            **{f"{s['method']}_{k}": s[k] for s in summary for k in ("n_flagged", *METRICS, "retrain_accuracy",
+                                                                      "retrain_attack_success_rate")},
+            "reference_accuracy": reference[0], "reference_attack_success_rate": reference[1]}

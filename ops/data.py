@@ -42,10 +42,11 @@ def _load_raw(store: ArtifactStore, exp: str):
 def training_set(spec: Spec, store: ArtifactStore, exp: str) -> dict:
     ts = build_training_set(_load_raw(store, exp), spec.attack, spec.seed)
     for name in ("train_images", "train_labels", "original_labels", "poisoned", "test_images", "test_labels",
-                 "triggered_images", "triggered_labels"):
+                 "triggered_images", "triggered_labels", "triggered_targets"):
         store.save_npy(exp, TRAIN, f"{name}.npy", getattr(ts, name))
     store.save_json(exp, TRAIN, "meta.json", {
-        "classes": ts.classes, "target_class": ts.target_class, "train_ids": ts.train_ids.tolist(),
+        "classes": ts.classes, "target_class": ts.target_class, "attack": spec.attack.kind,
+        "mapping": spec.attack.mapping, "train_ids": ts.train_ids.tolist(),
         "test_ids": ts.test_ids.tolist(), "triggered_ids": ts.triggered_ids.tolist()})
     known = ts.poisoned >= 0
     truth = pd.DataFrame({
@@ -83,13 +84,16 @@ def loader_files(spec: Spec, store: ArtifactStore, exp: str) -> dict:
     for split, (img, lab) in SPLITS.items():
         images = np.asarray(store.load_npy(exp, TRAIN, f"{img}.npy"))
         labels = np.asarray(store.load_npy(exp, TRAIN, f"{lab}.npy"))
-        for a in (images, labels):
+        fields = {"image": images, "label": labels.astype(np.int64), "id": [str(i) for i in meta[f"{split}_ids"]]}
+        hashed = [images, labels]
+        if split == "triggered" and store.path(exp, TRAIN, "triggered_targets.npy").exists():
+            fields["target"] = np.asarray(store.load_npy(exp, TRAIN, "triggered_targets.npy")).astype(np.int64)
+            hashed.append(fields["target"])
+        for a in hashed:
             digest.update(f"{split}:{a.dtype.str}:{a.shape}".encode())
             digest.update(np.ascontiguousarray(a).tobytes())
         path = store.path(exp, LOADER, f"{split}.pvl")
-        write_loader_file(path, {"image": images, "label": labels.astype(np.int64),
-                                 "id": [str(i) for i in meta[f"{split}_ids"]]},
-                          attrs={"experiment": exp, "split": split})
+        write_loader_file(path, fields, attrs={"experiment": exp, "split": split})
         out[split] = {"path": str(path), "examples": len(labels), "bytes": path.stat().st_size}
     out["data_digest"] = digest.hexdigest()[:16]
     store.save_json(exp, LOADER, "digest.json", {"data_digest": out["data_digest"]})

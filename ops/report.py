@@ -30,11 +30,17 @@ def experiment_report(conn, exp: str) -> str:
     for method, value, lo, hi, nh in q("SELECT method, lds, ci95_low, ci95_high, n_heldout FROM lds "
                                        "WHERE experiment = ? ORDER BY method DESC"):
         lines.append(f"  LDS {method:<18}{_fmt(value)}  [95% CI {_fmt(lo)}, {_fmt(hi)}; {nh} held-out models]")
-    for row in q("SELECT method, n_flagged, precision, recall, recall_at_budget, auroc, retrain_accuracy, "
-                 "retrain_attack_success_rate FROM backdoor_summary WHERE experiment = ? ORDER BY method DESC"):
-        method, nf, p, r, rb, auc, racc, rasr = row
-        lines.append(f"  detector {method:<20} flagged {nf}, precision {_fmt(p)}, recall {_fmt(r)}, "
-                     f"recall@|poisoned| {_fmt(rb)}, AUROC {_fmt(auc)}")
+    rows = q("SELECT method, n_flagged, precision, recall, recall_at_budget, recall_at_fpr01, auroc, "
+             "retrain_accuracy, retrain_attack_success_rate, reference_accuracy, reference_attack_success_rate "
+             "FROM backdoor_summary WHERE experiment = ?")
+    order = {"strongest_feature": 0}
+    for row in sorted(rows, key=lambda r: (order.get(r[0], 1), r[0])):
+        method, nf, p, r, rb, rf, auc, racc, rasr, ref_acc, ref_asr = row
+        lines.append(f"  detector {method:<22} flagged {nf}, precision {_fmt(p)}, recall {_fmt(r)}, "
+                     f"recall@|poisoned| {_fmt(rb)}, recall@1%FPR {_fmt(rf)}, AUROC {_fmt(auc)}")
         if racc is not None:
             lines.append(f"    retrained without flagged: accuracy {_fmt(racc)}, attack success {_fmt(rasr)}")
+    if rows and rows[0][9] is not None:
+        lines.append(f"  retrained without the true poisons (reference): accuracy {_fmt(rows[0][9])}, "
+                     f"attack success {_fmt(rows[0][10])}")
     return "\n".join(lines)

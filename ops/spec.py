@@ -49,20 +49,41 @@ class DatasetSpec(_Section):
 
 
 class AttackSpec(_Section):
-    kind: Literal["none", "badnets", "blend"] = "none"
+    """The attack planted in the training split (ops/attacks.py describes each kind)."""
+    kind: Literal["none", "badnets", "blend", "sig"] = "none"
     target_class: int = Field(0, ge=0)
+    mapping: Literal["all_to_one", "all_to_all"] = "all_to_one"   # all_to_all: class y -> (y + 1) mod C
     source_class: Optional[int] = Field(None, ge=0)   # None: any class but the target
     poison_count: int = Field(0, ge=0)
+    poison_rate: Optional[float] = Field(None, gt=0, lt=1)   # instead of poison_count: share of the train split
     patch_size: int = Field(2, gt=0)
     patch_value: int = Field(255, ge=0, le=255)
+    patch_pattern: Literal["solid", "checkerboard", "random"] = "solid"
+    patch_location: Literal["bottom_right", "bottom_left", "top_right", "top_left", "center",
+                            "random"] = "bottom_right"
     blend_alpha: float = Field(0.2, gt=0, lt=1)
+    blend_pattern: Literal["noise", "image"] = "noise"
+    blend_image: Optional[str] = None    # blend_pattern image: an image file, resized to the dataset's
+    sig_delta: float = Field(20.0, gt=0, le=255)       # sig: amplitude in pixel values (0-255)
+    sig_frequency: float = Field(6.0, gt=0)            # sig: periods across the image width
+    sig_test_delta: Optional[float] = Field(None, gt=0, le=255)   # sig: amplitude at test time
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.kind != "none" and self.poison_count == 0:
-            raise ValueError("poison_count: must be > 0 for an attack")
+        if self.kind != "none" and self.poison_count == 0 and self.poison_rate is None:
+            raise ValueError("poison_count: must be > 0 for an attack (or set poison_rate)")
+        if self.poison_count and self.poison_rate is not None:
+            raise ValueError("poison_rate: give poison_count or poison_rate, not both")
         if self.source_class is not None and self.source_class == self.target_class:
             raise ValueError("source_class: must differ from target_class")
+        if self.kind == "sig" and self.mapping != "all_to_one":
+            raise ValueError("mapping: the sig attack is clean-label and aims at target_class (all_to_one)")
+        if self.kind == "sig" and self.source_class is not None:
+            raise ValueError("source_class: the sig attack poisons target-class images only")
+        if self.mapping == "all_to_all" and self.source_class is not None:
+            raise ValueError("source_class: an all_to_all attack poisons every class")
+        if self.kind == "blend" and self.blend_pattern == "image" and not self.blend_image:
+            raise ValueError("blend_image: required for blend_pattern image")
         return self
 
 
@@ -168,7 +189,13 @@ class LdsSpec(_Section):
     min_heldout: int = Field(30, gt=1)   # fewer held-out models fails the LDS check
 
 
+DETECTOR_METHODS = ("strongest_feature", "spectral_signatures", "activation_clustering", "spectre")
+
+
 class DetectorSpec(_Section):
+    methods: list[Literal[DETECTOR_METHODS]] = list(DETECTOR_METHODS)   # the first one is the report's headline
+    input: Literal["trak"] = "trak"      # the train x train influence matrix the search runs on
+    prepare: Literal["paper", "divide_q_center", "row_scale", "row_scale_center"] = "divide_q_center"
     sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
     restarts: int = Field(200, gt=0)
     swaps: int = Field(100, gt=0)
@@ -176,13 +203,20 @@ class DetectorSpec(_Section):
     size_exponent: float = Field(0.5, ge=0)   # a size-k solution counts k^-e (the paper: e = 1)
     flag_count: Optional[int] = Field(None, gt=0)   # None: flag the group that stands out
     min_separation: float = Field(4.5, gt=0)
-    retrain: bool = True                 # retrain without the flagged set and report ASR
+    retrain: bool = True                 # retrain without each method's flagged set and report ASR
 
     @field_validator("sizes")
     @classmethod
     def _sizes(cls, v):
         if v is not None and (not v or any(k <= 0 for k in v)):
             raise ValueError("must be a non-empty list of positive sizes")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list without repeats, got {v}")
         return v
 
 
@@ -281,10 +315,20 @@ def validate_against_data(spec: Spec, where: str = "<spec>") -> dict[int, int]:
     a = spec.attack
     if a.kind != "none":
         classes = sorted(counts)
+        n_all = sum(counts.values())
+        count = a.poison_count if a.poison_rate is None else int(round(a.poison_rate * n_all))
+        key = "poison_count" if a.poison_rate is None else "poison_rate"
         if a.target_class not in counts:
             raise SpecError(f"{where}: attack.target_class: class {a.target_class} does not exist "
                             f"(classes: {classes})")
-        if a.source_class is not None:
+        if count < 1:
+            raise SpecError(f"{where}: attack.poison_rate: {a.poison_rate} of {n_all} training examples "
+                            f"poisons none")
+        if a.kind == "sig":
+            avail, what = counts[a.target_class], f"target class {a.target_class} (a clean-label attack)"
+        elif a.mapping == "all_to_all":
+            avail, what = n_all, "the training split"
+        elif a.source_class is not None:
             if a.source_class not in counts:
                 raise SpecError(f"{where}: attack.source_class: class {a.source_class} does not exist "
                                 f"(classes: {classes})")
@@ -292,9 +336,11 @@ def validate_against_data(spec: Spec, where: str = "<spec>") -> dict[int, int]:
         else:
             avail, what = sum(v for c, v in counts.items() if c != a.target_class), \
                 f"the classes other than {a.target_class}"
-        if a.poison_count > avail:
-            raise SpecError(f"{where}: attack.poison_count: {a.poison_count} poisoned examples requested "
+        if count > avail:
+            raise SpecError(f"{where}: attack.{key}: {count} poisoned examples requested "
                             f"but {what} has only {avail} training examples")
+        if a.kind == "blend" and a.blend_pattern == "image" and not Path(a.blend_image).is_file():
+            raise SpecError(f"{where}: attack.blend_image: no such file {a.blend_image}")
     n = sum(counts.values())
     n_sub = round(spec.subsets.alpha * n)
     if n_sub < 1 or n_sub >= n:

@@ -57,18 +57,22 @@ class Data:
         self.norm = norm
         pipe = Pipeline([Normalize(tuple(norm["mean"]), tuple(norm["std"]))])
 
-        def load(split):
+        def load(split, extra=()):
             f = files[split]
             if not len(f):
-                return None, None
+                return (None,) * (2 + len(extra))
+            extra = tuple(e for e in extra if e in f.fields)
             loader = Loader(f, batch_size=len(f), order="sequential", pipelines={"image": pipe},
-                            fields=("image", "label"), resident=True, device=device)
+                            fields=("image", "label", *extra), resident=True, device=device)
             batch = loader.fetch(np.arange(len(f)))
-            return batch["image"], batch["label"]
+            return batch["image"], batch["label"], *(batch[e] for e in extra)
 
         self.x, self.y = load("train")
         self.xt, self.yt = load("test")
-        self.xg, self.yg = load("triggered")
+        # the triggered test set, and the label the attack wants for each of its images (loader files
+        # written before per-image targets have none: then meta.json's target_class applies)
+        self.xg, self.yg, *target = load("triggered", ("target",))
+        self.tg = target[0] if target else None
         self.in_shape = tuple(self.x.shape[1:])
 
 
@@ -85,14 +89,19 @@ def make_model_fn(spec: Spec, in_shape, num_classes):
 
 
 def evaluate(make_model, params, data: Data, target_class: int | None, tta_flip: bool = False) -> dict:
+    """Test accuracy, margins on test and train, and attack success: the share of the triggered test
+    images classified as the label the attack wants for each (``data.tg``; ``target_class`` for
+    loader files without per-image targets)."""
     logits = predict_stacked(make_model, params, data.xt, tta_flip=tta_flip)
     out = {"accuracy": (logits.argmax(-1) == data.yt).float().mean(1).cpu().numpy(),
            "margins_test": margin(logits, data.yt.expand(logits.shape[0], -1)).cpu().numpy()}
     lt = predict_stacked(make_model, params, data.x, tta_flip=tta_flip)
     out["margins_train"] = margin(lt, data.y.expand(lt.shape[0], -1)).cpu().numpy()
-    if data.xg is not None and target_class is not None:
+    wanted = data.tg if data.tg is not None else (
+        None if target_class is None or data.xg is None else torch.full_like(data.yg, target_class))
+    if data.xg is not None and wanted is not None:
         lg = predict_stacked(make_model, params, data.xg, tta_flip=tta_flip)
-        out["asr"] = (lg.argmax(-1) == target_class).float().mean(1).cpu().numpy()
+        out["asr"] = (lg.argmax(-1) == wanted).float().mean(1).cpu().numpy()
     else:
         out["asr"] = np.full(logits.shape[0], np.nan)
     return out

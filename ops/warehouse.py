@@ -31,7 +31,8 @@ TABLES: dict[str, str] = {
         score DOUBLE, rank INTEGER, flagged BOOLEAN, poisoned BOOLEAN""",
     "backdoor_summary": """experiment VARCHAR, method VARCHAR, n_poisoned INTEGER, n_flagged INTEGER,
         precision DOUBLE, recall DOUBLE, recall_at_budget DOUBLE, auroc DOUBLE,
-        retrain_accuracy DOUBLE, retrain_attack_success_rate DOUBLE""",
+        retrain_accuracy DOUBLE, retrain_attack_success_rate DOUBLE, recall_at_fpr01 DOUBLE,
+        flag_rule VARCHAR, seconds DOUBLE, reference_accuracy DOUBLE, reference_attack_success_rate DOUBLE""",
 }
 
 # table -> artifact files (asset, name) whose rows it holds

@@ -84,9 +84,15 @@ def test_warehouse_holds_every_stage(tiny):
     assert set(lds) == {"trak", "datamodels"} and lds["trak"] > 0.1
     assert q(home, "SELECT DISTINCT n_heldout FROM lds") == [(8,)]
     assert q(home, "SELECT method, count(*) FROM backdoor_scores GROUP BY method ORDER BY method") == [
-        ("spectral_signatures", 300), ("strongest_feature", 300)]
-    sf = q(home, "SELECT auroc, n_poisoned FROM backdoor_summary WHERE method = 'strongest_feature'")[0]
-    assert sf[0] > 0.8 and sf[1] == 20
+        ("activation_clustering", 300), ("spectral_signatures", 300), ("spectre", 300), ("strongest_feature", 300)]
+    sf = q(home, "SELECT auroc, n_poisoned, recall_at_fpr01 FROM backdoor_summary WHERE method = 'strongest_feature'")[0]
+    assert sf[0] > 0.8 and sf[1] == 20 and 0 <= sf[2] <= 1
+    # every method that flagged something was retrained without its flagged set; the reference without the truth
+    for method, nf, racc, ref in q(home, "SELECT method, n_flagged, retrain_accuracy, reference_accuracy "
+                                         "FROM backdoor_summary"):
+        assert (racc is not None) == (nf > 0), method
+        assert ref is not None and 0.5 < ref <= 1
+    assert (home / "artifacts" / "tiny" / "backdoor_report" / "top_flagged.png").read_bytes()[:4] == b"\x89PNG"
     assert set(checks) == {"models_above_chance", "features_finite", "scores_finite", "enough_heldout_models",
                            "detector_flagged_something"}
     assert all(passed for name, passed in checks.items() if name != "detector_flagged_something")
@@ -185,8 +191,9 @@ def test_users_own_data_without_truth(tmp_path):
     assert result.success
     assert checks["enough_heldout_models"] is False
     assert q(home, "SELECT count(*), count(poisoned) FROM examples WHERE split = 'train'") == [(120, 0)]
-    summary = q(home, "SELECT method, precision, recall, auroc FROM backdoor_summary ORDER BY method")
-    assert summary == [("spectral_signatures", None, None, None), ("strongest_feature", None, None, None)]
+    summary = q(home, "SELECT method, precision, recall, auroc, recall_at_fpr01 FROM backdoor_summary ORDER BY method")
+    assert summary == [(m, None, None, None, None) for m in ("activation_clustering", "spectral_signatures", "spectre",
+                                                             "strongest_feature")]
     assert q(home, "SELECT count(*), count(DISTINCT rank) FROM backdoor_scores WHERE method = 'strongest_feature'") \
         == [(120, 120)]
     assert q(home, "SELECT count(*) FROM examples WHERE split = 'test_triggered'") == [(0,)]

@@ -1,0 +1,141 @@
+"""The detector registry: every poison detector the backdoor report runs.
+
+A detector reads the stored artifacts through ``Inputs`` (the train x train influence matrix,
+the penultimate features of the model trained on all data, the labels) and returns a
+``Detection``: a score per training example (higher = more suspicious), the examples it flags,
+and the rule that chose them.  None is told the poison count unless the spec's
+``detector.flag_count`` says so (then every method flags that many).  Register a new one with
+``@register("name")``; the report, the warehouse and the bench iterate over ``DETECTORS`` and
+never name a method.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kernels.baselines import activation_clustering, spectre_scores
+from kernels.local_search import auto_flag, influence_matrix, strongest_feature_scores
+from kernels.spectral import spectral_scores
+from kernels.train import unstack
+from ops.spec import Spec
+from ops.store import ArtifactStore
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Detection:
+    scores: np.ndarray
+    flags: np.ndarray
+    rule: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Inputs:
+    """Lazy access to what detectors read, so that each loads only what it needs."""
+    spec: Spec
+    store: ArtifactStore
+    exp: str
+    device: torch.device
+    log: Log
+    labels: np.ndarray
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @cached_property
+    def models(self):
+        """(make_model, stacked params, checkpoint metadata, Data) of the experiment's models."""
+        import json
+
+        from ops.training import Data, load_models
+
+        make_model, params, meta = load_models(self.spec, self.store, self.exp)
+        return make_model, params, meta, Data(self.store, self.exp, self.device, norm=json.loads(meta["norm"]))
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        """Penultimate features of the model trained on all data, on every training example."""
+        make_model, params, meta, data = self.models
+        model = make_model().to(self.device).eval()
+        model.load_state_dict(unstack(params, int(meta["models"]) - 1))
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(data.x), 2048):
+                out.append(model.embed(data.x[i:i + 2048]).float().cpu().numpy())
+        return np.concatenate(out)
+
+    @cached_property
+    def influence(self) -> np.ndarray:
+        """The train x train matrix the strongest-feature search runs on (kernels.local_search)."""
+        d = self.spec.detector
+        if d.input == "datamodels":
+            raise NotImplementedError("detector.input datamodels")   # refused by the spec check before here
+        tau = self.store.load_npy(self.exp, "attribution_scores", "train_x_train.npy")
+        q = self.store.load_npy(self.exp, "attribution_scores", "q_mean.npy")
+        return influence_matrix(tau, q, self.labels, d.prepare)
+
+
+DETECTORS: dict[str, Callable[[Inputs], Detection]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        DETECTORS[name] = fn
+        return fn
+    return deco
+
+
+def _flag_by_rule(spec: Spec, scores: np.ndarray) -> tuple[np.ndarray, str]:
+    d = spec.detector
+    flags = np.zeros(len(scores), bool)
+    if d.flag_count is not None:
+        flags[np.argsort(-scores, kind="stable")[: d.flag_count]] = True
+        return flags, f"top {d.flag_count} (detector.flag_count)"
+    return auto_flag(scores, d.min_separation), f"upper group of an Otsu split, if > {d.min_separation} MADs apart"
+
+
+@register("strongest_feature")
+def strongest_feature(inp: Inputs) -> Detection:
+    d = inp.spec.detector
+    a = inp.influence
+    t0 = time.perf_counter()
+    scores = strongest_feature_scores(
+        a, sizes=d.sizes, restarts=d.restarts, swaps=d.swaps, max_passes=d.max_passes, seed=inp.spec.seed,
+        size_exponent=d.size_exponent,
+        on_size=lambda i, k, size: inp.log(f"local search: size {size} ({i + 1}/{k}, "
+                                           f"{time.perf_counter() - t0:.1f}s)"))
+    flags, rule = _flag_by_rule(inp.spec, scores)
+    return Detection(scores, flags, rule)
+
+
+@register("spectral_signatures")
+def spectral_signatures(inp: Inputs) -> Detection:
+    scores = spectral_scores(inp.features, inp.labels)
+    flags, rule = _flag_by_rule(inp.spec, scores)
+    return Detection(scores, flags, rule)
+
+
+@register("activation_clustering")
+def activation_clustering_detector(inp: Inputs) -> Detection:
+    scores, flags = activation_clustering(inp.features, inp.labels, seed=inp.spec.seed)
+    if inp.spec.detector.flag_count is not None:
+        flags, rule = _flag_by_rule(inp.spec, scores)
+    else:
+        rule = "smaller 2-means cluster of a class when <= 35% of it and silhouette >= 0.15"
+    return Detection(scores, flags, rule)
+
+
+@register("spectre")
+def spectre(inp: Inputs) -> Detection:
+    scores = spectre_scores(inp.features, inp.labels, seed=inp.spec.seed)
+    flags, rule = _flag_by_rule(inp.spec, scores)
+    return Detection(scores, flags, rule)
