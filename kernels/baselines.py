@@ -76,9 +76,11 @@ def _robust_whitener(z: np.ndarray, seed: int):
     with warnings.catch_warnings():   # MinCovDet's C-step warns on tiny determinant increases (rounding)
         warnings.simplefilter("ignore", RuntimeWarning)
         mcd = MinCovDet(random_state=seed).fit(z)
-    w, v = np.linalg.eigh(mcd.covariance_)
+    # the raw MCD estimate: the reweighted one lets back in points within the 97.5% chi-square
+    # quantile, poisons among them, and inflates the very direction they lie along
+    w, v = np.linalg.eigh(mcd.raw_covariance_)
     w = np.maximum(w, 1e-12 * max(w.max(), 1e-300))
-    return mcd.location_, v / np.sqrt(w)
+    return mcd.raw_location_, v / np.sqrt(w)
 
 
 def que_scores(x: np.ndarray, alpha: float = 4.0) -> np.ndarray:

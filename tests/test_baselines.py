@@ -1,0 +1,65 @@
+"""Baseline detectors and the detector's input preparations."""
+import numpy as np
+import pytest
+
+from kernels.baselines import activation_clustering, que_scores, que_scores_reference, spectre_scores
+from kernels.local_search import influence_matrix
+from kernels.stats import recall_at_fpr
+
+
+def _features(n=400, d=16, p=30, shift=6.0, seed=0):
+    """Two classes of Gaussian features; class 0 holds p poisons shifted along one direction."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    labels = np.arange(n) % 2
+    poison = np.zeros(n, bool)
+    poison[np.flatnonzero(labels == 0)[:p]] = True
+    x[poison, 0] += shift
+    return x, labels, poison
+
+
+def test_que_scores_match_the_matrix_exponential():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 5)) * np.array([3.0, 1, 1, 1, 1])
+    np.testing.assert_allclose(que_scores(x), que_scores_reference(x), rtol=1e-8)
+
+
+def test_spectre_and_activation_clustering_find_a_shifted_cluster():
+    x, labels, poison = _features()
+    s = spectre_scores(x, labels)
+    assert recall_at_fpr(s, poison, 0.05) > 0.9
+    scores, flags = activation_clustering(x, labels)
+    assert recall_at_fpr(scores, poison, 0.05) > 0.9
+    assert flags[poison].mean() > 0.9 and flags[~poison].mean() < 0.05
+    # no structure: nothing is flagged by the clustering rule
+    clean, labels2, _ = _features(p=0)
+    assert activation_clustering(clean, labels2)[1].sum() == 0
+
+
+def test_recall_at_fpr_counts_ties_against():
+    truth = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], bool)
+    assert recall_at_fpr(np.r_[5.0, 4.0, np.zeros(8)], truth, 0.1) == 1.0
+    assert recall_at_fpr(np.r_[5.0, 0.0, np.zeros(8)], truth, 0.1) == 0.5    # a tie with clean is not above
+    assert recall_at_fpr(np.r_[5.0, 4.0, 6.0, np.zeros(7)], truth, 0.0) == 0.0   # a clean example outranks both
+
+
+def test_influence_matrix_preparations():
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.arange(n) % 2
+    tau = rng.standard_normal((n, n)) * rng.uniform(0.1, 10, (n, 1))       # rows of very different scale
+    q = rng.uniform(0.1, 1, n)
+    paper = influence_matrix(tau, q, labels, "paper")
+    assert (np.diag(paper) == 0).all() and np.allclose(paper + np.diag(np.diag(tau)), tau)
+    rs = influence_matrix(tau, q, labels, "row_scale")
+    np.testing.assert_allclose((rs ** 2).sum(1) / (n - 1), 1.0)
+    dq = influence_matrix(tau, q, labels, "divide_q_center")
+    off = ~np.eye(n, dtype=bool)
+    for a in (0, 1):
+        for b in (0, 1):
+            block = (labels[:, None] == a) & (labels[None, :] == b) & off
+            assert abs(dq[block].mean()) < 1e-9
+    with pytest.raises(ValueError, match="n x n"):
+        influence_matrix(tau[:, :5], q, labels)
+    with pytest.raises(ValueError, match="unknown preparation"):
+        influence_matrix(tau, q, labels, "sideways")
