@@ -125,26 +125,33 @@ def main() -> int:
         print(f"unknown setting(s) {unknown}; choose from {', '.join(settings)}", file=sys.stderr)
         return 2
     runs = []
+    config = {"settings": {n: settings[n] for n in names}, "seeds": seeds, "base": base}
     for name in names:
         for seed in seeds:
             print(f"{name} seed {seed}", flush=True)
             runs.append(run_setting(name, settings[name], seed, base, Path(args.home)))
+            last = name == names[-1] and seed == seeds[-1]
+            summarize(runs, config, args, final=last)   # the results file holds every finished run
+    return 0
 
+
+def summarize(runs: list, config: dict, args, final: bool) -> None:
+    out = print if final else (lambda *a, **k: None)
     methods = []
     for r in runs:
         for row in r["rows"]:
             if row["method"] not in methods:
                 methods.append(row["method"])
-    print(f"\n{'setting':20s} {'seed':>4s} {'method':24s} {'AUROC':>6s} {'r@1%FPR':>7s} {'flag':>5s} "
+    out(f"\n{'setting':20s} {'seed':>4s} {'method':24s} {'AUROC':>6s} {'r@1%FPR':>7s} {'flag':>5s} "
           f"{'prec':>5s} {'rec':>5s} {'re-acc':>6s} {'re-ASR':>6s}")
     results = []
     for r in runs:
-        print(f"{r['setting']:20s} {r['seed']:4d} model on all data: accuracy {r['model_accuracy']:.3f}, attack "
+        out(f"{r['setting']:20s} {r['seed']:4d} model on all data: accuracy {r['model_accuracy']:.3f}, attack "
               f"success {r['model_attack_success']:.3f}; {r['poisoned']} poisons; reference (true poisons "
               f"removed): accuracy {_f(r['rows'][0].get('reference_accuracy'))}, "
               f"ASR {_f(r['rows'][0].get('reference_attack_success_rate'))}")
         for row in r["rows"]:
-            print(f"{'':20s} {'':4s} {row['method']:24s} {_f(row['auroc']):>6s} {_f(row['recall_at_fpr01']):>7s} "
+            out(f"{'':20s} {'':4s} {row['method']:24s} {_f(row['auroc']):>6s} {_f(row['recall_at_fpr01']):>7s} "
                   f"{row['n_flagged']:5d} {_f(row['precision'], 2):>5s} {_f(row['recall'], 2):>5s} "
                   f"{_f(row.get('retrain_accuracy')):>6s} {_f(row.get('retrain_attack_success_rate')):>6s}")
             case = f"{r['setting']}/s{r['seed']}"
@@ -163,37 +170,35 @@ def main() -> int:
                 and row[metric] == row[metric]]
         return float(np.mean(vals)) if vals else None
 
-    print(f"\nmean over {len(runs)} runs   AUROC   recall@1%FPR")
+    out(f"\nmean over {len(runs)} runs   AUROC   recall@1%FPR")
     ratios = []
     for m in methods:
-        print(f"  {m:24s} {_f(mean_of(m, 'auroc'))}  {_f(mean_of(m, 'recall_at_fpr01'))}")
+        out(f"  {m:24s} {_f(mean_of(m, 'auroc'))}  {_f(mean_of(m, 'recall_at_fpr01'))}")
     ours = mean_of("strongest_feature", "auroc")
     for m in methods:
         theirs = mean_of(m, "auroc")
         if m != "strongest_feature" and ours is not None and theirs:
             ratios.append({"case": "all", "metric": "auroc", "of": "strongest_feature", "over": m,
                            "value": round(ours / theirs, 4)})
-    print("\ntargets (issue 11):")
+    out("\ntargets (issue 11):")
     sel = [r for r in runs if r["setting"] in RECALL_TARGET]
     for r in sel:
         row = next(x for x in r["rows"] if x["method"] == "strongest_feature")
-        print(f"  recall@1%FPR >= 0.9 on {r['experiment']}: {_f(row['recall_at_fpr01'])} "
+        out(f"  recall@1%FPR >= 0.9 on {r['experiment']}: {_f(row['recall_at_fpr01'])} "
               f"{'met' if row['recall_at_fpr01'] >= 0.9 else 'NOT met'}")
     for m in methods:
         if m != "strongest_feature" and ours is not None and mean_of(m, "auroc") is not None:
-            print(f"  mean AUROC above {m}: {_f(ours)} vs {_f(mean_of(m, 'auroc'))} "
+            out(f"  mean AUROC above {m}: {_f(ours)} vs {_f(mean_of(m, 'auroc'))} "
                   f"{'met' if ours > mean_of(m, 'auroc') else 'NOT met'}")
     for r in runs:
         row = next(x for x in r["rows"] if x["method"] == "strongest_feature")
         asr, acc, ref = row.get("retrain_attack_success_rate"), row.get("retrain_accuracy"), row.get("reference_accuracy")
         ok = asr is not None and acc is not None and ref is not None and asr <= 0.05 and acc >= ref - 0.01
-        print(f"  after retraining on {r['experiment']}: ASR {_f(asr)} (<= 0.05), accuracy {_f(acc)} vs reference "
+        out(f"  after retraining on {r['experiment']}: ASR {_f(asr)} (<= 0.05), accuracy {_f(acc)} vs reference "
               f"{_f(ref)} (within 0.01): {'met' if ok else 'NOT met'}")
-        print(f"  detector time on {r['experiment']}: {_f(row['seconds'], 1)} s (< 120 s): "
+        out(f"  detector time on {r['experiment']}: {_f(row['seconds'], 1)} s (< 120 s): "
               f"{'met' if row['seconds'] < 120 else 'NOT met'}")
-    config = {"settings": {n: settings[n] for n in names}, "seeds": seeds, "base": base}
     write_results("backdoor", config, results, ratios, quick=args.quick, tag=args.tag)
-    return 0
 
 
 if __name__ == "__main__":

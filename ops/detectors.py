@@ -77,8 +77,6 @@ class Inputs:
     def influence(self) -> np.ndarray:
         """The train x train matrix the strongest-feature search runs on (kernels.local_search)."""
         d = self.spec.detector
-        if d.input == "datamodels":
-            raise NotImplementedError("detector.input datamodels")   # refused by the spec check before here
         tau = self.store.load_npy(self.exp, "attribution_scores", "train_x_train.npy")
         q = self.store.load_npy(self.exp, "attribution_scores", "q_mean.npy")
         return influence_matrix(tau, q, self.labels, d.prepare)

@@ -194,7 +194,6 @@ DETECTOR_METHODS = ("strongest_feature", "spectral_signatures", "activation_clus
 
 class DetectorSpec(_Section):
     methods: list[Literal[DETECTOR_METHODS]] = list(DETECTOR_METHODS)   # the first one is the report's headline
-    input: Literal["trak"] = "trak"      # the train x train influence matrix the search runs on
     prepare: Literal["paper", "divide_q_center", "row_scale", "row_scale_center"] = "divide_q_center"
     sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
     restarts: int = Field(200, gt=0)

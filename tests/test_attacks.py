@@ -102,3 +102,47 @@ def test_spec_refuses_inconsistent_attacks():
     refuse({"kind": "badnets", "poison_count": 5, "patch_pattern": "stripes"}, "attack.patch_pattern")
     with pytest.raises(AttackError, match="patch_size"):
         build_training_set(_raw(hw=4), AttackSpec(kind="badnets", poison_count=2, patch_size=5), 0)
+
+
+def test_attack_success_uses_each_images_own_target(tmp_path):
+    """Through the real stages: an all-to-all attack's triggered loader file carries per-image targets,
+    and evaluate() counts a hit only when the prediction is that image's target."""
+    import torch
+
+    from ops import data as D
+    from ops.store import ArtifactStore
+    from ops.training import Data, evaluate
+
+    spec = parse_spec({"name": "a2a", "dataset": {"source": "digits", "limit_train": 200, "limit_test": 60},
+                       "attack": {"kind": "badnets", "poison_rate": 0.1, "patch_size": 2, "mapping": "all_to_all"}})
+    store = ArtifactStore(tmp_path)
+    for stage in (D.raw_dataset, D.training_set, D.loader_files):
+        stage(spec, store, "a2a")
+    data = Data(store, "a2a", torch.device("cpu"))
+    assert data.tg is not None and len(data.tg) == 60
+    assert torch.equal(data.tg, (data.yg + 1) % 10)
+
+    class Oracle(torch.nn.Module):      # predicts the attack's target for triggered images: ASR must be 1
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            hit = [int(torch.nonzero((self.table == xi).flatten(1).all(1))[0]) for xi in x]
+            return torch.nn.functional.one_hot(torch.as_tensor([int(t) for t in self.targets[hit]]), 10).float()
+
+    model = Oracle(data.xg)
+    model.targets = data.tg
+    ev = evaluate(lambda: model, {"w": torch.zeros(1, 1)}, _OnlyTriggered(data), None)
+    assert ev["asr"][0] == 1.0
+    model.targets = data.yg                # the true labels: no hit at all
+    assert evaluate(lambda: model, {"w": torch.zeros(1, 1)}, _OnlyTriggered(data), None)["asr"][0] == 0.0
+
+
+class _OnlyTriggered:
+    """Data whose test and train splits are the triggered images (so the oracle knows every input)."""
+    def __init__(self, data):
+        self.x, self.y = data.xg, data.yg
+        self.xt, self.yt = data.xg, data.yg
+        self.xg, self.yg, self.tg = data.xg, data.yg, data.tg
