@@ -11,7 +11,7 @@ never name a method.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
@@ -45,7 +45,6 @@ class Inputs:
     device: torch.device
     log: Log
     labels: np.ndarray
-    cache: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
