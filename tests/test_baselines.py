@@ -63,3 +63,11 @@ def test_influence_matrix_preparations():
         influence_matrix(tau[:, :5], q, labels)
     with pytest.raises(ValueError, match="unknown preparation"):
         influence_matrix(tau, q, labels, "sideways")
+
+
+def test_every_spec_method_is_registered():
+    """detector.methods accepts exactly the registered detectors (the two lists cannot drift)."""
+    from ops.detectors import DETECTORS
+    from ops.spec import DETECTOR_METHODS
+
+    assert set(DETECTORS) == set(DETECTOR_METHODS)
