@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("kernels.local_search needs numba (pip install numba)") from e
 
 
-PREPARATIONS = ("paper", "divide_q_center", "row_scale", "row_scale_center")
+PREPARATIONS = ("paper", "divide_q_center", "divide_q_double_center", "row_scale", "row_scale_center")
 
 
 def _center_label_blocks(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -47,6 +47,50 @@ def _center_label_blocks(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return a
 
 
+def double_center_label_blocks(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Every (label of target, label of source) block double-centred, diagonal excluded, in place.
+
+    a_ij -= mean of row i over sources of label y_j + mean of column j over targets of label y_i
+            - mean of the block
+    On a Gram matrix this is the Gram of the features centred at their label's mean: what is left
+    is how two examples resemble each other beyond what each shares with its label (a natural
+    sub-cluster shares much with its label; poisons, whose content belongs to other classes,
+    share little with it and much with each other).  O(n^2 C) with C labels; the diagonal
+    (excluded from every mean) is left at zero.
+    """
+    labels = np.asarray(labels)
+    classes, y = np.unique(labels, return_inverse=True)
+    onehot = np.zeros((len(y), len(classes)))
+    onehot[np.arange(len(y)), y] = 1.0
+    np.fill_diagonal(a, 0.0)
+    counts = onehot.sum(0)
+    same = onehot                                      # [i, c] = 1 if i has label c
+    row_cnt = counts[None, :] - same                   # sources of label c other than i
+    row_mean = (a @ onehot) / np.maximum(row_cnt, 1)   # [i, c]
+    col_mean = (onehot.T @ a) / np.maximum(row_cnt.T, 1)   # [c, j]
+    blk_cnt = counts[:, None] * counts[None, :] - np.diag(counts)
+    blk_mean = (onehot.T @ a @ onehot) / np.maximum(blk_cnt, 1)
+    a -= row_mean[:, y]
+    a -= col_mean[y, :]
+    a += blk_mean[np.ix_(y, y)]
+    np.fill_diagonal(a, 0.0)
+    return a
+
+
+def double_center_reference(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Plain-loop version of :func:`double_center_label_blocks` (tests compare the two)."""
+    a = np.array(a, np.float64)
+    np.fill_diagonal(a, np.nan)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for ia in members:
+        for ic in members:
+            block = a[np.ix_(ia, ic)]
+            a[np.ix_(ia, ic)] = (block - np.nanmean(block, 1, keepdims=True) - np.nanmean(block, 0, keepdims=True)
+                                 + np.nanmean(block))
+    np.fill_diagonal(a, 0.0)
+    return a
+
+
 def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarray,
                      how: str = "divide_q_center") -> np.ndarray:
     """The matrix the search runs on, from TRAK's train x train scores (row = target).
@@ -55,6 +99,8 @@ def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarr
     - ``divide_q_center``: TRAK's out-to-loss weight Q divided back out of every column (it shrinks
       the examples a backdoor fits well), then every (label, label) block centred at zero, so that
       the search looks for the strongest feature beyond the labels (docs/decisions.md).
+    - ``divide_q_double_center``: Q divided out, then every label block double-centred (the
+      kernel between label-centred gradient features; :func:`double_center_label_blocks`).
     - ``row_scale``: every row (target) divided by its root mean square off the diagonal, so each
       target's influence is measured in units of its own sensitivity: hard, high-gradient
       examples no longer make the strongest "feature" by magnitude alone.
@@ -73,6 +119,9 @@ def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarr
     if how == "divide_q_center":
         a /= np.maximum(np.asarray(q_mean, np.float64), 1e-12)[None, :]
         return _center_label_blocks(a, labels)
+    if how == "divide_q_double_center":
+        a /= np.maximum(np.asarray(q_mean, np.float64), 1e-12)[None, :]
+        return double_center_label_blocks(a, labels)
     rms = np.sqrt((a * a).sum(1, keepdims=True) / max(1, len(a) - 1))
     a /= np.where(rms > 0, rms, 1.0)
     return _center_label_blocks(a, labels) if how == "row_scale_center" else a

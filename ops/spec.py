@@ -194,7 +194,7 @@ DETECTOR_METHODS = ("strongest_feature", "spectral_signatures", "activation_clus
 
 class DetectorSpec(_Section):
     methods: list[Literal[DETECTOR_METHODS]] = list(DETECTOR_METHODS)   # the first one is the report's headline
-    prepare: Literal["paper", "divide_q_center", "row_scale", "row_scale_center"] = "divide_q_center"
+    prepare: Literal["paper", "divide_q_center", "divide_q_double_center", "row_scale", "row_scale_center"] = "divide_q_center"
     sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
     restarts: int = Field(200, gt=0)
     swaps: int = Field(100, gt=0)

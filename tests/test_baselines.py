@@ -59,10 +59,63 @@ def test_influence_matrix_preparations():
         for b in (0, 1):
             block = (labels[:, None] == a) & (labels[None, :] == b) & off
             assert abs(dq[block].mean()) < 1e-9
+    dc = influence_matrix(tau, q, labels, "divide_q_double_center")
+    for a in (0, 1):
+        for b in (0, 1):
+            block = np.where((labels[:, None] == a) & (labels[None, :] == b) & off, dc, np.nan)
+            rows = block[labels == a][:, labels == b]
+            assert abs(np.nanmean(rows)) < 1e-9
+            if a != b:   # rows and columns of a block without the diagonal centre exactly
+                np.testing.assert_allclose(np.nanmean(rows, 1), 0, atol=1e-9)
+                np.testing.assert_allclose(np.nanmean(rows, 0), 0, atol=1e-9)
     with pytest.raises(ValueError, match="n x n"):
         influence_matrix(tau[:, :5], q, labels)
     with pytest.raises(ValueError, match="unknown preparation"):
         influence_matrix(tau, q, labels, "sideways")
+
+
+def test_double_centring_fast_matches_reference():
+    from kernels.local_search import double_center_label_blocks, double_center_reference
+    rng = np.random.default_rng(1)
+    for n, c in ((7, 1), (50, 3), (201, 10)):
+        labels = rng.integers(0, c, n)
+        labels[:c] = np.arange(c)                          # every label present, one may be a singleton
+        a = rng.standard_normal((n, n)) * rng.uniform(0.1, 5, (n, 1))
+        np.testing.assert_allclose(double_center_label_blocks(a.copy(), labels),
+                                   double_center_reference(a, labels), atol=1e-10)
+
+
+def test_double_centring_removes_a_label_mean_and_keeps_a_planted_set():
+    """Gram of features = label mean + noise + (a shared direction on a planted set of mixed content):
+    after double centring the planted set is the densest block, although a natural sub-cluster of one
+    label is closer in raw kernel value."""
+    from kernels.local_search import double_center_label_blocks, strongest_feature_scores
+    from kernels.stats import detection_metrics
+    rng = np.random.default_rng(2)
+    n, d = 400, 60
+    labels = np.arange(n) % 4
+    means = rng.standard_normal((4, d)) * 3
+    x = means[labels] + rng.standard_normal((n, d))
+    planted = np.zeros(n, bool)
+    planted[rng.choice(np.flatnonzero(labels == 0), 30, replace=False)] = True
+    x[planted] = means[rng.integers(1, 4, planted.sum())] + rng.standard_normal((planted.sum(), d))
+    x[planted, 0] += 4.0                                   # the trigger: one shared direction
+    sub = (labels == 1) & (np.arange(n) < 120)             # a natural sub-cluster, closer still
+    x[sub, 1] += 6.0
+    gram = x @ x.T
+    raw = strongest_feature_scores(gram - np.diag(np.diag(gram)), sizes=[30], restarts=8, seed=0)
+    dc = strongest_feature_scores(double_center_label_blocks(gram.copy(), labels), sizes=[30], restarts=8, seed=0)
+    truth = planted
+    assert detection_metrics(dc, np.zeros(n, bool), truth)["recall_at_budget"] >= 0.9
+    assert detection_metrics(raw, np.zeros(n, bool), truth)["recall_at_budget"] < 0.5
+
+
+def test_spec_preparations_match_the_kernel():
+    import typing
+
+    from kernels.local_search import PREPARATIONS
+    from ops.spec import DetectorSpec
+    assert set(typing.get_args(DetectorSpec.model_fields["prepare"].annotation)) == set(PREPARATIONS)
 
 
 def test_every_spec_method_is_registered():
