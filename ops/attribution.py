@@ -107,8 +107,8 @@ def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> d
     t0 = time.perf_counter()
     res = fit_datamodels(masks[fit], margins[fit], masks[val], margins[val],
                          n_lambdas=spec.datamodels.n_lambdas, eps=spec.datamodels.eps,
-                         max_iter=spec.datamodels.max_iter,
-                         on_step=lambda i, k: log(f"datamodels: lambda {i + 1}/{k} "
+                         tol=spec.datamodels.tol, memory_mb=spec.datamodels.memory_mb,
+                         on_step=lambda i, k: log(f"datamodels: path step {i}/{k} "
                                                   f"({time.perf_counter() - t0:.1f}s)"))
     store.save_npy(exp, DM, "weight.npy", res.weight)      # train x targets
     store.save_npy(exp, DM, "bias.npy", res.bias)
@@ -124,8 +124,13 @@ def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> d
                      _top_k(np.ascontiguousarray(w.T), spec.trak.top_k, exp, "datamodels",
                             meta["test_ids"], meta["train_ids"]))
     nnz = (w != 0).sum(0)
+    not_converged = int((~res.converged).sum())
+    if not_converged:
+        log(f"datamodels: {not_converged} of {w.shape[1]} targets did not reach the duality gap "
+            f"{spec.datamodels.tol:g} (worst {float(res.gap.max()):.2g})")
     return {"fit_models": len(fit), "val_models": len(val), "targets": w.shape[1],
-            "mean_nonzero": float(nnz.mean()), "seconds": round(time.perf_counter() - t0, 1)}
+            "mean_nonzero": float(nnz.mean()), "not_converged": not_converged,
+            "max_relative_gap": float(res.gap.max()), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:

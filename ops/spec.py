@@ -182,7 +182,8 @@ class DatamodelsSpec(_Section):
     n_lambdas: int = Field(16, gt=1)
     eps: float = Field(1e-2, gt=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    max_iter: int = Field(300, gt=0)
+    tol: float = Field(1e-6, gt=0, lt=1)          # relative duality gap every target must reach
+    memory_mb: float = Field(512, gt=0)           # targets are fitted in blocks within this
 
 
 class LdsSpec(_Section):

@@ -1,21 +1,76 @@
 import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
 
-from kernels.lasso import fit_datamodels, lasso_fista, lasso_reference, objective, standardize
+from kernels.lasso import fit_datamodels, lasso_cd, lasso_reference, objective, standardize
 
 
-def test_fista_matches_sklearn_coordinate_descent():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 2, (80, 30)).astype(float)
-    w_true = np.zeros((30, 3))
-    w_true[[1, 5, 9], [0, 1, 2]] = [2.0, -1.5, 1.0]
-    y = x @ w_true + 0.1 * rng.standard_normal((80, 3))
+def _problem(m, n, t, seed, rate=0.5):
+    rng = np.random.default_rng(seed)
+    x = (rng.random((m, n)) < rate).astype(float)
+    w_true = np.zeros((n, t))
+    for c in range(t):
+        w_true[rng.choice(n, size=min(n, 3), replace=False), c] = rng.normal(0, 1, min(n, 3))
+    y = x @ w_true + 0.1 * rng.standard_normal((m, t))
     xs, _, _ = standardize(x)
-    yc = y - y.mean(0)
-    lam = np.array([0.05, 0.1, 0.02])
-    fast = lasso_fista(xs, yc, lam, max_iter=20000, tol=1e-10)
+    return xs, y - y.mean(0)
+
+
+@pytest.mark.parametrize("m,n", [(80, 30), (20, 500)])   # more models than examples, and far fewer
+def test_coordinate_descent_matches_sklearn(m, n):
+    xs, yc = _problem(m, n, 4, seed=m)
+    lam_max = np.abs(xs.T @ yc).max(0) / m
+    lam = lam_max * np.array([0.5, 0.1, 0.03, 0.01])
+    fast, gap, _ = lasso_cd(xs, yc, lam, tol=1e-10)
     ref = lasso_reference(xs, yc, lam)
-    np.testing.assert_allclose(objective(xs, yc, fast, lam), objective(xs, yc, ref, lam), rtol=1e-6)
-    np.testing.assert_allclose(fast, ref, atol=1e-4)
+    assert np.all(gap <= 1e-10)
+    np.testing.assert_allclose(objective(xs, yc, fast, lam), objective(xs, yc, ref, lam), rtol=1e-7)
+    if m > n:   # unique solution: the weights agree too
+        np.testing.assert_allclose(fast, ref, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(5, 40), n=st.integers(1, 120), seed=st.integers(0, 2**16), frac=st.floats(0.005, 1.2),
+       rate=st.floats(0.05, 0.95))
+def test_duality_gap_certifies_the_objective(m, n, seed, frac, rate):
+    """Whatever the shapes: a target reported converged is within tol of scikit-learn's optimum."""
+    xs, yc = _problem(m, n, 2, seed, rate)
+    lam_max = np.abs(xs.T @ yc).max(0) / m + 1e-12
+    lam = lam_max * frac
+    fast, gap, _ = lasso_cd(xs, yc, lam, tol=1e-8)
+    ref = lasso_reference(xs, yc, lam)
+    ours, theirs = objective(xs, yc, fast, lam), objective(xs, yc, ref, lam)
+    assert np.all(gap <= 1e-8)
+    assert np.all(ours <= theirs * (1 + 1e-7) + 1e-15)
+    if frac >= 1:    # lam at or above lam_max: the zero vector is the optimum
+        assert np.all(fast == 0)
+
+
+def test_warm_start_and_bad_lam():
+    xs, yc = _problem(30, 200, 3, seed=5)
+    lam = np.abs(xs.T @ yc).max(0) / 30 * 0.05
+    cold, _, sweeps_cold = lasso_cd(xs, yc, lam, tol=1e-9)
+    warm, gap, sweeps_warm = lasso_cd(xs, yc, lam, w0=cold, tol=1e-9)
+    assert np.all(gap <= 1e-9) and np.all(sweeps_warm < sweeps_cold)
+    np.testing.assert_allclose(objective(xs, yc, warm, lam), objective(xs, yc, cold, lam), rtol=1e-8)
+    with pytest.raises(ValueError, match="lam"):
+        lasso_cd(xs, yc, np.zeros(3))
+
+
+def test_blocks_give_the_same_fit_as_one_block():
+    rng = np.random.default_rng(3)
+    masks = rng.random((60, 300)) < 0.5
+    w = np.zeros((300, 9))
+    w[rng.integers(0, 300, 9), np.arange(9)] = 1.0
+    y = masks @ w + 0.1 * rng.standard_normal((60, 9))
+    one = fit_datamodels(masks[:50], y[:50], masks[50:], y[50:], n_lambdas=6, memory_mb=512)
+    steps = []
+    many = fit_datamodels(masks[:50], y[:50], masks[50:], y[50:], n_lambdas=6, memory_mb=0.01,
+                          on_step=lambda i, k: steps.append((i, k)))
+    assert steps[-1][0] == steps[-1][1] and steps[-1][1] > 6       # several blocks, all reported
+    np.testing.assert_allclose(one.weight, many.weight, rtol=1e-6, atol=1e-9)   # BLAS blocking aside
+    np.testing.assert_allclose(one.lam, many.lam, rtol=1e-12)
+    assert one.converged.all() and np.all(one.gap <= 1e-6)
 
 
 def test_path_selection_recovers_sparse_datamodel():

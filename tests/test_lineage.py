@@ -20,7 +20,7 @@ TINY = {
     "training": {"epochs": 10, "batch_size": 32, "save_epochs": [5]},
     "subsets": {"num_models": 24, "num_heldout": 8},
     "trak": {"num_models": 4, "proj_dim": 32, "top_k": 5, "checkpoint_epochs": [5]},   # from save_epochs
-    "datamodels": {"n_lambdas": 4, "max_iter": 50},
+    "datamodels": {"n_lambdas": 4, "tol": 1e-4},
     "detector": {"restarts": 16},
     "lds": {"min_heldout": 5},
 }
@@ -185,7 +185,7 @@ def test_users_own_data_without_truth(tmp_path):
     spec = {"dataset": {"source": "parquet", "path": str(tmp_path / "mine.parquet"), "channels": 1},
             "model": {"arch": "logreg"}, "training": {"epochs": 5, "batch_size": 16},
             "subsets": {"num_models": 12, "num_heldout": 4}, "trak": {"num_models": 2, "proj_dim": 16},
-            "datamodels": {"n_lambdas": 3, "max_iter": 30}, "detector": {"restarts": 4, "retrain": False},
+            "datamodels": {"n_lambdas": 3, "tol": 1e-4}, "detector": {"restarts": 4, "retrain": False},
             "lds": {"min_heldout": 10}}
     result, checks, home = run(tmp_path, "mine", spec)
     assert result.success
