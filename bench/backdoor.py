@@ -9,7 +9,10 @@ setting runs again.  Per method it records AUROC, recall at 1% FPR, precision/re
 flagged set (no method is told the poison rate), and clean accuracy / attack success of a
 model retrained without the flagged set, next to a model retrained without exactly the true
 poisons (the reference).  ``strongest_feature_paper`` is the same search on TRAK's matrix as it
-is (the paper's input): what the detector's input preparation changes.
+is (the paper's input) and ``strongest_feature_double_center`` the same search with
+``detector.prepare: divide_q_double_center`` (``--preps`` picks these rows): what the input
+preparation changes.  ``same_label_support`` is a diagnostic, not a detector: each example's mean
+TRAK support of training targets of its own label.
 
     python bench/backdoor.py                          # every setting, seeds 0 1 2 (hours on 2 cores)
     python bench/backdoor.py --settings blend-5 --seeds 0
@@ -41,6 +44,8 @@ SETTINGS = {
 }
 # settings whose target the issue fixes: recall >= 0.9 at FPR <= 1%
 RECALL_TARGET = ("badnets-3", "badnets-10", "blend-5")
+# the baselines the mean-AUROC target names (the other rows are variants and diagnostics)
+BASELINES = ("spectral_signatures", "activation_clustering", "spectre")
 
 BASE = {"dataset": {"source": "fashion_mnist", "limit_train": 10000, "limit_test": 2000},
         "model": {"arch": "small_cnn", "hidden": 32},
@@ -54,7 +59,11 @@ QUICK_SETTINGS = {"badnets-8": {"kind": "badnets", "poison_rate": 0.08, "patch_s
                   "blend-8": {"kind": "blend", "poison_rate": 0.08, "blend_alpha": 0.2}}
 
 
-def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path) -> dict:
+PREP_ROW = {"divide_q_double_center": "double_center", "divide_q_center": "center"}
+
+
+def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
+                extra_preps=("paper", "divide_q_double_center")) -> dict:
     import torch
 
     from ops import attribution as A
@@ -90,15 +99,28 @@ def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path) -> d
     models = store.load_table(exp, T.CKPT, "models.parquet")
     full = models[models["role"] == "full"].iloc[0]
     rows = table.to_dict("records")
-    # the paper's input (TRAK's matrix as it is), same search: what the preparation changes
+    # the same search on other preparations of TRAK's matrix (``paper`` = the matrix as it is, the
+    # paper's input): what the detector's input preparation changes
     labels = np.asarray(store.load_npy(exp, "training_set", "train_labels.npy"))
     truth = np.asarray(store.load_npy(exp, "training_set", "poisoned.npy")) == 1
-    paper = parse_spec({**spec.model_dump(mode="json"), "detector": {**spec.detector.model_dump(mode="json"),
-                                                                      "prepare": "paper"}})
-    t1 = time.perf_counter()
-    det = DETECTORS["strongest_feature"](Inputs(paper, store, exp, dev, log, labels))
-    rows.append({"method": "strongest_feature_paper", **detection_metrics(det.scores, det.flags, truth),
-                 "seconds": time.perf_counter() - t1})
+    for prep in extra_preps:
+        if prep == spec.detector.prepare:
+            continue
+        alt = parse_spec({**spec.model_dump(mode="json"), "detector": {**spec.detector.model_dump(mode="json"),
+                                                                        "prepare": prep}})
+        t1 = time.perf_counter()
+        det = DETECTORS["strongest_feature"](Inputs(alt, store, exp, dev, log, labels))
+        rows.append({"method": f"strongest_feature_{PREP_ROW.get(prep, prep)}",
+                     **detection_metrics(det.scores, det.flags, truth), "seconds": time.perf_counter() - t1})
+    # diagnostic, not a detector: how much each example supports targets of its own label in TRAK's
+    # matrix (the signal issue 11 saw), ranked as a score and flagged by the same rule
+    tau = np.asarray(store.load_npy(exp, "attribution_scores", "train_x_train.npy"), np.float64)
+    np.fill_diagonal(tau, 0.0)
+    same = labels[:, None] == labels[None, :]
+    support = (tau * same).sum(0) / np.maximum(same.sum(0) - 1, 1)
+    from kernels.local_search import auto_flag
+    rows.append({"method": "same_label_support", **detection_metrics(support, auto_flag(support), truth),
+                 "seconds": 0.0})
     return {"setting": name, "seed": seed, "experiment": exp, "rows": rows, "poisoned": int(truth.sum()),
             "model_accuracy": float(full["accuracy"]), "model_attack_success": float(full["attack_success_rate"]),
             "upstream_seconds": upstream_s, "report_seconds": summary["seconds"]}
@@ -114,6 +136,8 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--home", default=str(ROOT / "bench" / ".backdoor-work"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--preps", nargs="*", default=["paper", "divide_q_double_center"],
+                    help="other detector.prepare values to run the same search on (rows strongest_feature_<prep>)")
     ap.add_argument("--tag", default="", help="suffix of the results file (bench/results/backdoor<tag>.json)")
     args = ap.parse_args()
     settings = QUICK_SETTINGS if args.quick else SETTINGS
@@ -121,6 +145,11 @@ def main() -> int:
     names = args.settings or list(settings)
     seeds = [0] if args.quick else args.seeds
     unknown = [s for s in names if s not in settings]
+    from kernels.local_search import PREPARATIONS
+    bad = [p for p in args.preps if p not in PREPARATIONS]
+    if bad:
+        print(f"unknown preparation(s) {bad}; choose from {', '.join(PREPARATIONS)}", file=sys.stderr)
+        return 2
     if unknown:
         print(f"unknown setting(s) {unknown}; choose from {', '.join(settings)}", file=sys.stderr)
         return 2
@@ -129,7 +158,7 @@ def main() -> int:
     for name in names:
         for seed in seeds:
             print(f"{name} seed {seed}", flush=True)
-            runs.append(run_setting(name, settings[name], seed, base, Path(args.home)))
+            runs.append(run_setting(name, settings[name], seed, base, Path(args.home), args.preps))
             last = name == names[-1] and seed == seeds[-1]
             summarize(runs, config, args, final=last)   # the results file holds every finished run
     return 0
@@ -142,7 +171,7 @@ def summarize(runs: list, config: dict, args, final: bool) -> None:
         for row in r["rows"]:
             if row["method"] not in methods:
                 methods.append(row["method"])
-    out(f"\n{'setting':20s} {'seed':>4s} {'method':24s} {'AUROC':>6s} {'r@1%FPR':>7s} {'flag':>5s} "
+    out(f"\n{'setting':20s} {'seed':>4s} {'method':31s} {'AUROC':>6s} {'r@1%FPR':>7s} {'flag':>5s} "
           f"{'prec':>5s} {'rec':>5s} {'re-acc':>6s} {'re-ASR':>6s}")
     results = []
     for r in runs:
@@ -151,7 +180,7 @@ def summarize(runs: list, config: dict, args, final: bool) -> None:
               f"removed): accuracy {_f(r['rows'][0].get('reference_accuracy'))}, "
               f"ASR {_f(r['rows'][0].get('reference_attack_success_rate'))}")
         for row in r["rows"]:
-            out(f"{'':20s} {'':4s} {row['method']:24s} {_f(row['auroc']):>6s} {_f(row['recall_at_fpr01']):>7s} "
+            out(f"{'':20s} {'':4s} {row['method']:31s} {_f(row['auroc']):>6s} {_f(row['recall_at_fpr01']):>7s} "
                   f"{row['n_flagged']:5d} {_f(row['precision'], 2):>5s} {_f(row['recall'], 2):>5s} "
                   f"{_f(row.get('retrain_accuracy')):>6s} {_f(row.get('retrain_attack_success_rate')):>6s}")
             case = f"{r['setting']}/s{r['seed']}"
@@ -173,11 +202,11 @@ def summarize(runs: list, config: dict, args, final: bool) -> None:
     out(f"\nmean over {len(runs)} runs   AUROC   recall@1%FPR")
     ratios = []
     for m in methods:
-        out(f"  {m:24s} {_f(mean_of(m, 'auroc'))}  {_f(mean_of(m, 'recall_at_fpr01'))}")
+        out(f"  {m:31s} {_f(mean_of(m, 'auroc'))}  {_f(mean_of(m, 'recall_at_fpr01'))}")
     ours = mean_of("strongest_feature", "auroc")
     for m in methods:
         theirs = mean_of(m, "auroc")
-        if m != "strongest_feature" and ours is not None and theirs:
+        if m in BASELINES and ours is not None and theirs:
             ratios.append({"case": "all", "metric": "auroc", "of": "strongest_feature", "over": m,
                            "value": round(ours / theirs, 4)})
     out("\ntargets (issue 11):")
@@ -187,7 +216,7 @@ def summarize(runs: list, config: dict, args, final: bool) -> None:
         out(f"  recall@1%FPR >= 0.9 on {r['experiment']}: {_f(row['recall_at_fpr01'])} "
               f"{'met' if row['recall_at_fpr01'] >= 0.9 else 'NOT met'}")
     for m in methods:
-        if m != "strongest_feature" and ours is not None and mean_of(m, "auroc") is not None:
+        if m in BASELINES and ours is not None and mean_of(m, "auroc") is not None:
             out(f"  mean AUROC above {m}: {_f(ours)} vs {_f(mean_of(m, 'auroc'))} "
                   f"{'met' if ours > mean_of(m, 'auroc') else 'NOT met'}")
     for r in runs:
