@@ -9,8 +9,9 @@ setting runs again.  Per method it records AUROC, recall at 1% FPR, precision/re
 flagged set (no method is told the poison rate), and clean accuracy / attack success of a
 model retrained without the flagged set, next to a model retrained without exactly the true
 poisons (the reference).  ``strongest_feature_paper`` is the same search on TRAK's matrix as it
-is (the paper's input) and ``strongest_feature_double_center`` the same search with
-``detector.prepare: divide_q_double_center`` (``--preps`` picks these rows): what the input
+is (the paper's input) and ``strongest_feature_center`` / ``strongest_feature_double_center`` the
+same search with ``detector.prepare: divide_q_center`` / ``divide_q_double_center`` (``--preps``
+picks these rows; the spec's default is the ``strongest_feature`` row itself): what the input
 preparation changes.  ``same_label_support`` is a diagnostic, not a detector: each example's mean
 TRAK support of training targets of its own label.
 
@@ -60,6 +61,8 @@ QUICK_SETTINGS = {"badnets-8": {"kind": "badnets", "poison_rate": 0.08, "patch_s
 
 
 PREP_ROW = {"divide_q_double_center": "double_center", "divide_q_center": "center"}
+# rows: strongest_feature (the spec's default preparation, with retraining), then the same search on
+# these (detection metrics only)
 
 
 def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
@@ -136,7 +139,7 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--home", default=str(ROOT / "bench" / ".backdoor-work"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--preps", nargs="*", default=["paper", "divide_q_double_center"],
+    ap.add_argument("--preps", nargs="*", default=["paper", "divide_q_center"],
                     help="other detector.prepare values to run the same search on (rows strongest_feature_<prep>)")
     ap.add_argument("--tag", default="", help="suffix of the results file (bench/results/backdoor<tag>.json)")
     args = ap.parse_args()

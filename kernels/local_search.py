@@ -92,7 +92,7 @@ def double_center_reference(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarray,
-                     how: str = "divide_q_center") -> np.ndarray:
+                     how: str = "divide_q_double_center") -> np.ndarray:
     """The matrix the search runs on, from TRAK's train x train scores (row = target).
 
     - ``paper``: TRAK's scores as they are (diagonal zeroed by the search).

@@ -108,6 +108,7 @@ def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> d
     res = fit_datamodels(masks[fit], margins[fit], masks[val], margins[val],
                          n_lambdas=spec.datamodels.n_lambdas, eps=spec.datamodels.eps,
                          tol=spec.datamodels.tol, memory_mb=spec.datamodels.memory_mb,
+                         solver=spec.datamodels.solver, max_iter=spec.datamodels.max_iter,
                          on_step=lambda i, k: log(f"datamodels: path step {i}/{k} "
                                                   f"({time.perf_counter() - t0:.1f}s)"))
     store.save_npy(exp, DM, "weight.npy", res.weight)      # train x targets

@@ -184,6 +184,8 @@ class DatamodelsSpec(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     tol: float = Field(1e-6, gt=0, lt=1)          # relative duality gap every target must reach
     memory_mb: float = Field(512, gt=0)           # targets are fitted in blocks within this
+    solver: Literal["auto", "cd", "fista"] = "auto"   # auto: kernels.lasso.choose_solver
+    max_iter: int = Field(300, gt=0)              # FISTA iterations per path step
 
 
 class LdsSpec(_Section):
@@ -195,7 +197,7 @@ DETECTOR_METHODS = ("strongest_feature", "spectral_signatures", "activation_clus
 
 class DetectorSpec(_Section):
     methods: list[Literal[DETECTOR_METHODS]] = list(DETECTOR_METHODS)   # the first one is the report's headline
-    prepare: Literal["paper", "divide_q_center", "divide_q_double_center", "row_scale", "row_scale_center"] = "divide_q_center"
+    prepare: Literal["paper", "divide_q_center", "divide_q_double_center", "row_scale", "row_scale_center"] = "divide_q_double_center"
     sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
     restarts: int = Field(200, gt=0)
     swaps: int = Field(100, gt=0)

@@ -87,3 +87,18 @@ def test_path_selection_recovers_sparse_datamodel():
     assert np.abs(fit.weight[off]).max() < 0.1
     pred = masks @ fit.weight + fit.bias
     assert np.abs(pred - y).mean() < 0.1
+
+
+def test_both_solvers_fit_the_same_datamodels():
+    rng = np.random.default_rng(4)
+    masks = rng.random((200, 120)) < 0.5
+    w = np.zeros((120, 5))
+    w[rng.integers(0, 120, 5), np.arange(5)] = 1.0
+    y = masks @ w + 0.2 * rng.standard_normal((200, 5))
+    cd = fit_datamodels(masks[:180], y[:180], masks[180:], y[180:], n_lambdas=8, solver="cd")
+    fista = fit_datamodels(masks[:180], y[:180], masks[180:], y[180:], n_lambdas=8, solver="fista", max_iter=3000)
+    np.testing.assert_array_equal(cd.lam, fista.lam)
+    np.testing.assert_allclose(cd.weight, fista.weight, atol=2e-3)
+    assert cd.converged.all() and np.all(fista.gap < 5e-3)     # FISTA: float32, stops on step size
+    with pytest.raises(ValueError, match="solver"):
+        fit_datamodels(masks[:180], y[:180], masks[180:], y[180:], solver="newton")
