@@ -49,6 +49,24 @@ def _soft(v, t):
     return 0.0
 
 
+@numba.njit(inline="always")
+def _update(xt, r, wt, j, nj, lt):
+    """One coordinate step on weight j (residual r kept in step); returns |change|."""
+    m = xt.shape[1]
+    old = wt[j]
+    rho = 0.0
+    for i in range(m):
+        rho += xt[j, i] * r[i]
+    new = _soft(rho / m + old * nj, lt) / nj
+    if new != old:
+        d = new - old
+        for i in range(m):
+            r[i] -= d * xt[j, i]
+        wt[j] = new
+        return abs(d)
+    return 0.0
+
+
 @numba.njit(cache=True)
 def _active_step(xt, y, r, wt, act, na, lt):
     """One active-set step: inside the orthant of the current signs the objective is the smooth
@@ -179,21 +197,10 @@ def _cd_targets(xt, norms, yt, lam, w, tol, max_outer, max_inner, gaps, sweeps):
             # full sweep over every feature
             na = 0
             for j in range(n):
-                nj = norms[j]
-                if nj == 0.0:
+                if norms[j] == 0.0:
                     continue
-                old = wt[j]
-                rho = 0.0
-                for i in range(m):
-                    rho += xt[j, i] * r[i]
-                rho = rho / m + old * nj
-                new = _soft(rho, lt) / nj
-                if new != old:
-                    d = new - old
-                    for i in range(m):
-                        r[i] -= d * xt[j, i]
-                    wt[j] = new
-                if new != 0.0:
+                _update(xt, r, wt, j, norms[j], lt)
+                if wt[j] != 0.0:
                     act[na] = j
                     na += 1
             count += 1
@@ -204,22 +211,11 @@ def _cd_targets(xt, norms, yt, lam, w, tol, max_outer, max_inner, gaps, sweeps):
                 wmax = 0.0
                 for a in range(na):
                     j = act[a]
-                    nj = norms[j]
-                    old = wt[j]
-                    rho = 0.0
-                    for i in range(m):
-                        rho += xt[j, i] * r[i]
-                    rho = rho / m + old * nj
-                    new = _soft(rho, lt) / nj
-                    if new != old:
-                        d = new - old
-                        for i in range(m):
-                            r[i] -= d * xt[j, i]
-                        wt[j] = new
-                        if abs(d) > dmax:
-                            dmax = abs(d)
-                    if abs(new) > wmax:
-                        wmax = abs(new)
+                    d = _update(xt, r, wt, j, norms[j], lt)
+                    if d > dmax:
+                        dmax = d
+                    if abs(wt[j]) > wmax:
+                        wmax = abs(wt[j])
                 count += 1
                 if dmax <= 1e-3 * tol * max(wmax, 1e-12):
                     break
