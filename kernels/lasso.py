@@ -388,12 +388,12 @@ def _solve(xs, yc, lam, w0, tol, max_iter, solver):
 
 def fit_datamodels(masks_fit: np.ndarray, y_fit: np.ndarray, masks_val: np.ndarray, y_val: np.ndarray,
                    n_lambdas: int = 20, eps: float = 1e-2, tol: float = 1e-6, memory_mb: float = 512,
-                   on_step=None, out: np.ndarray | None = None, solver: str = "auto",
+                   on_step=None, solver: str = "auto",
                    max_iter: int = 300) -> DatamodelFit:
     """Regularization path on the fit models, lam per target by validation MSE, refit on both.
 
     Targets are fitted in blocks sized by ``memory_mb`` (the masks themselves are m x n and held
-    once); the weights go to ``out`` (n x T float32, e.g. a memory-mapped .npy) when given.
+    once).
     ``on_step(done, total)`` is called after every lam of every block.
     """
     y_fit, y_val = np.asarray(y_fit, np.float64), np.asarray(y_val, np.float64)
@@ -409,7 +409,7 @@ def fit_datamodels(masks_fit: np.ndarray, y_fit: np.ndarray, masks_val: np.ndarr
     if solver not in ("cd", "fista"):
         raise ValueError(f"unknown solver {solver!r}; choose auto, cd or fista")
     factors = np.geomspace(1.0, eps, n_lambdas)
-    weight = np.zeros((n, T), np.float32) if out is None else out
+    weight = np.zeros((n, T), np.float32)
     bias = np.zeros(T)
     lam = np.zeros(T)
     lambdas = np.zeros((n_lambdas, T))
