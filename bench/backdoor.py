@@ -8,12 +8,12 @@ own experiment under ``--home``; trained models and TRAK features are reused whe
 setting runs again.  Per method it records AUROC, recall at 1% FPR, precision/recall of the
 flagged set (no method is told the poison rate), and clean accuracy / attack success of a
 model retrained without the flagged set, next to a model retrained without exactly the true
-poisons (the reference).  ``strongest_feature_paper`` is the same search on TRAK's matrix as it
-is (the paper's input) and ``strongest_feature_center`` / ``strongest_feature_double_center`` the
-same search with ``detector.prepare: divide_q_center`` / ``divide_q_double_center`` (``--preps``
-picks these rows; the spec's default is the ``strongest_feature`` row itself): what the input
-preparation changes.  ``same_label_support`` is a diagnostic, not a detector: each example's mean
-TRAK support of training targets of its own label.
+poisons (the reference).  Variants of the detector run on the same matrices as extra rows
+(detection metrics only; ``--variants`` picks them): ``strongest_feature_double_center`` centres
+every label at its own training mean instead of its clean test examples' mean (no clean data
+needed), ``strongest_feature_membership`` scores by the paper's aggregation of search membership
+instead of the within-label support, and ``strongest_feature_paper`` is the paper as written
+(TRAK's matrix as it is, membership scores).
 
     python bench/backdoor.py                          # every setting, seeds 0 1 2 (hours on 2 cores)
     python bench/backdoor.py --settings blend-5 --seeds 0
@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_file import write_results  # noqa: E402
-from kernels.local_search import PREPARATIONS, auto_flag  # noqa: E402
 
 SETTINGS = {
     "badnets-1": {"kind": "badnets", "poison_rate": 0.01, "patch_size": 3},
@@ -61,31 +60,31 @@ QUICK_SETTINGS = {"badnets-8": {"kind": "badnets", "poison_rate": 0.08, "patch_s
                   "blend-8": {"kind": "blend", "poison_rate": 0.08, "blend_alpha": 0.2}}
 
 
-PREP_ROW = {"divide_q_double_center": "double_center", "divide_q_center": "center"}
-# rows: strongest_feature (the spec's default preparation, with retraining), then the same search on
-# these (detection metrics only)
+# rows beside strongest_feature (the spec's defaults, with retraining): the same detector with these
+# detector settings, on the same matrices (detection metrics only)
+VARIANTS = {
+    "double_center": {"prepare": "divide_q_double_center"},
+    "membership": {"score": "membership"},
+    "paper": {"prepare": "paper", "score": "membership"},
+    "center": {"prepare": "divide_q_center", "score": "membership"},
+}
 
 
-def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
-                extra_preps=("paper", "divide_q_center")) -> dict:
-    import torch
+# bump when a code change alters what the upstream stages produce, so stored runs are rebuilt
+# (2: Q as sigmoid(-margin), which no longer rounds to 0 on examples fitted to float precision)
+UPSTREAM_VERSION = 2
 
+
+def build_upstream(spec, store, exp: str, dev, log) -> float:
+    """Data, attack, loader files, masks, models, TRAK features and scores of one setting, unless the
+    store already holds them for the same spec (all but ``detector``) and UPSTREAM_VERSION."""
     from ops import attribution as A
-    from ops import backdoor as B
     from ops import data as D
     from ops import training as T
-    from ops.detectors import DETECTORS, Inputs
-    from ops.spec import parse_spec
-    from ops.store import ArtifactStore
-    from kernels.stats import detection_metrics
 
-    exp = f"{name}-s{seed}"
-    spec = parse_spec({**base, "name": exp, "seed": seed, "attack": {"target_class": 0, **attack}})
-    store = ArtifactStore(home)
-    log = lambda m: print(f"  [{exp}] {m}", flush=True)  # noqa: E731
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stamp = store.path(exp, "bench_upstream.json")
-    upstream = {k: v for k, v in spec.model_dump(mode="json").items() if k != "detector"}
+    upstream = {**{k: v for k, v in spec.model_dump(mode="json").items() if k != "detector"},
+                "upstream_version": UPSTREAM_VERSION}
     t0 = time.perf_counter()
     if not stamp.exists() or json.loads(stamp.read_text()) != upstream:
         for stage in (D.raw_dataset, D.training_set, D.loader_files, D.subset_masks):
@@ -97,35 +96,41 @@ def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
         A.attribution_scores(spec, store, exp, log)
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(upstream))
-    upstream_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
+                variants=("double_center", "membership", "paper")) -> dict:
+    import torch
+
+    from ops import backdoor as B
+    from ops import training as T
+    from ops.detectors import DETECTORS, Inputs
+    from ops.spec import parse_spec
+    from ops.store import ArtifactStore
+    from kernels.stats import detection_metrics
+
+    exp = f"{name}-s{seed}"
+    spec = parse_spec({**base, "name": exp, "seed": seed, "attack": {"target_class": 0, **attack}})
+    store = ArtifactStore(home)
+    log = lambda m: print(f"  [{exp}] {m}", flush=True)  # noqa: E731
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    upstream_s = build_upstream(spec, store, exp, dev, log)
     summary = B.backdoor_report(spec, store, exp, dev, log)
     table = store.load_table(exp, B.REPORT, "summary.parquet")
     models = store.load_table(exp, T.CKPT, "models.parquet")
     full = models[models["role"] == "full"].iloc[0]
     rows = table.to_dict("records")
-    # the same search on other preparations of TRAK's matrix (``paper`` = the matrix as it is, the
-    # paper's input): what the detector's input preparation changes
+    # the same detector with other settings on the same matrices: what each departure from the paper changes
     labels = np.asarray(store.load_npy(exp, "training_set", "train_labels.npy"))
     truth = np.asarray(store.load_npy(exp, "training_set", "poisoned.npy")) == 1
-    for prep in extra_preps:
-        if prep == spec.detector.prepare:
-            continue
-        alt = parse_spec({**spec.model_dump(mode="json"), "detector": {**spec.detector.model_dump(mode="json"),
-                                                                        "prepare": prep}})
+    for variant in variants:
+        alt = parse_spec({**spec.model_dump(mode="json"),
+                          "detector": {**spec.detector.model_dump(mode="json"), **VARIANTS[variant]}})
         t1 = time.perf_counter()
         det = DETECTORS["strongest_feature"](Inputs(alt, store, exp, dev, log, labels))
-        rows.append({"method": f"strongest_feature_{PREP_ROW.get(prep, prep)}",
+        rows.append({"method": f"strongest_feature_{variant}",
                      **detection_metrics(det.scores, det.flags, truth), "seconds": time.perf_counter() - t1})
-    # diagnostic, not a detector: how much each example supports targets of its own label in TRAK's
-    # matrix (the signal issue 11 saw), ranked as a score and flagged by the same rule
-    tau = np.asarray(store.load_npy(exp, "attribution_scores", "train_x_train.npy"), np.float64)
-    np.fill_diagonal(tau, 0.0)
-    classes, y = np.unique(labels, return_inverse=True)
-    onehot = np.eye(len(classes))[y]                        # n x C
-    by_label = onehot.T @ tau                               # C x n: support of j on targets of each label
-    support = by_label[y, np.arange(len(y))] / np.maximum(onehot.sum(0)[y] - 1, 1)
-    rows.append({"method": "same_label_support", **detection_metrics(support, auto_flag(support), truth),
-                 "seconds": 0.0})
     return {"setting": name, "seed": seed, "experiment": exp, "rows": rows, "poisoned": int(truth.sum()),
             "model_accuracy": float(full["accuracy"]), "model_attack_success": float(full["attack_success_rate"]),
             "upstream_seconds": upstream_s, "report_seconds": summary["seconds"]}
@@ -141,8 +146,8 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--home", default=str(ROOT / "bench" / ".backdoor-work"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--preps", nargs="*", default=["paper", "divide_q_center"],
-                    help="other detector.prepare values to run the same search on (rows strongest_feature_<prep>)")
+    ap.add_argument("--variants", nargs="*", default=["double_center", "membership", "paper"],
+                    help=f"detector variants as extra rows strongest_feature_<variant>, of {', '.join(VARIANTS)}")
     ap.add_argument("--tag", default="", help="suffix of the results file (bench/results/backdoor<tag>.json)")
     args = ap.parse_args()
     settings = QUICK_SETTINGS if args.quick else SETTINGS
@@ -150,19 +155,20 @@ def main() -> int:
     names = args.settings or list(settings)
     seeds = [0] if args.quick else args.seeds
     unknown = [s for s in names if s not in settings]
-    bad = [p for p in args.preps if p not in PREPARATIONS]
+    bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
-        print(f"unknown preparation(s) {bad}; choose from {', '.join(PREPARATIONS)}", file=sys.stderr)
+        print(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     if unknown:
         print(f"unknown setting(s) {unknown}; choose from {', '.join(settings)}", file=sys.stderr)
         return 2
     runs = []
-    config = {"settings": {n: settings[n] for n in names}, "seeds": seeds, "base": base}
+    config = {"settings": {n: settings[n] for n in names}, "seeds": seeds, "base": base,
+              "variants": {v: VARIANTS[v] for v in args.variants}}
     for name in names:
         for seed in seeds:
             print(f"{name} seed {seed}", flush=True)
-            runs.append(run_setting(name, settings[name], seed, base, Path(args.home), args.preps))
+            runs.append(run_setting(name, settings[name], seed, base, Path(args.home), args.variants))
             last = name == names[-1] and seed == seeds[-1]
             summarize(runs, config, args, final=last)   # the results file holds every finished run
     return 0

@@ -31,7 +31,63 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("kernels.local_search needs numba (pip install numba)") from e
 
 
-PREPARATIONS = ("paper", "divide_q_center", "divide_q_double_center", "row_scale", "row_scale_center")
+PREPARATIONS = ("paper", "divide_q_center", "divide_q_double_center", "divide_q_test_center", "row_scale",
+                "row_scale_center")
+SCORES = ("membership", "support")
+
+
+def q_free(tau_train: np.ndarray, q_mean: np.ndarray) -> np.ndarray:
+    """TRAK's train x train scores with the out-to-loss weight Q divided back out (float64, n x n).
+
+    tau[i, j] = K_ij * q_j with K the (symmetric) kernel of the gradient features, so the result
+    is K.  A column whose Q is 0 (the model fits that example to float precision: the column is
+    all zeros) is taken from the transpose, where K_ji = K_ij survives (a pair of two such examples
+    stays 0); the diagonal is zeroed.
+    """
+    q = np.asarray(q_mean, np.float64)
+    k = np.array(tau_train, np.float64)
+    if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] != len(q):
+        raise ValueError(f"the influence matrix must be n x n for the {len(q)} values of Q, got shape {k.shape}")
+    zero = q <= 0
+    k /= np.where(zero, 1.0, q)[None, :]
+    if zero.any():
+        k[:, zero] = k[zero, :].T
+    np.fill_diagonal(k, 0.0)
+    return k
+
+
+def center_at_references(k: np.ndarray, labels: np.ndarray, effects: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """k_ij - R[i, y_j] - R[j, y_i] + B[y_i, y_j], in place, diagonal left at zero.
+
+    With k the kernel of features ψ, R[i, c] = ψ_i · μ_c and B[c, d] = μ_c · μ_d for reference
+    means μ_c of every label, this is the kernel of the features centred at their label's
+    reference mean: (ψ_i − μ_{y_i}) · (ψ_j − μ_{y_j}).  ``effects`` is R (n x C), ``block`` B (C x C),
+    classes in the order of ``np.unique(labels)``.
+    """
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    r = np.asarray(effects, np.float64)
+    b = np.asarray(block, np.float64)
+    if r.shape != (len(y), len(classes)) or b.shape != (len(classes), len(classes)):
+        raise ValueError(f"label effects must be {len(y)} x {len(classes)} and {len(classes)} x {len(classes)}, "
+                         f"got {r.shape} and {b.shape}")
+    ry = r[:, y]                                   # [i, j] = R[i, y_j]
+    k -= ry
+    k -= ry.T
+    del ry
+    k += b[np.ix_(y, y)]
+    np.fill_diagonal(k, 0.0)
+    return k
+
+
+def center_at_references_reference(k, labels, effects, block) -> np.ndarray:
+    """Plain-loop version of :func:`center_at_references` (tests compare the two)."""
+    classes = list(np.unique(labels))
+    out = np.array(k, np.float64)
+    for i in range(len(out)):
+        for j in range(len(out)):
+            ci, cj = classes.index(labels[i]), classes.index(labels[j])
+            out[i, j] = 0.0 if i == j else out[i, j] - effects[i][cj] - effects[j][ci] + block[ci][cj]
+    return out
 
 
 def _center_label_blocks(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -92,7 +148,7 @@ def double_center_reference(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarray,
-                     how: str = "divide_q_double_center") -> np.ndarray:
+                     how: str = "divide_q_test_center", references=None) -> np.ndarray:
     """The matrix the search runs on, from TRAK's train x train scores (row = target).
 
     - ``paper``: TRAK's scores as they are (diagonal zeroed by the search).
@@ -101,27 +157,38 @@ def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarr
       the search looks for the strongest feature beyond the labels (docs/decisions.md).
     - ``divide_q_double_center``: Q divided out, then every label block double-centred (the
       kernel between label-centred gradient features; :func:`double_center_label_blocks`).
+    - ``divide_q_test_center`` (the default): Q divided out, then the kernel re-centred at each
+      label's mean over *reference* examples (:func:`center_at_references`; ``references`` = (R, B),
+      computed from the gradient features by ``kernels.trak.label_mean_effects``): the clean test
+      split's examples of that label.  Poisons are centred at where clean examples of their label
+      lie, not at a mean they pull toward themselves (docs/decisions.md: at 10% BadNets or a
+      clean-label attack the poisons are half their label, and centring at the label's own mean
+      makes them and the clean half mirror images).
     - ``row_scale``: every row (target) divided by its root mean square off the diagonal, so each
       target's influence is measured in units of its own sensitivity: hard, high-gradient
       examples no longer make the strongest "feature" by magnitude alone.
     - ``row_scale_center``: row_scale, then the label blocks centred.
     """
-    a = np.array(tau_train, np.float64)
     labels = np.asarray(labels)
-    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] != len(labels):
+    shape = np.shape(tau_train)
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] != len(labels):
         raise ValueError(f"the influence matrix must be n x n for the {len(labels)} training labels, "
-                         f"got shape {a.shape}")
+                         f"got shape {shape}")
     if how not in PREPARATIONS:
         raise ValueError(f"unknown preparation {how!r}; choose one of {', '.join(PREPARATIONS)}")
+    if how.startswith("divide_q"):
+        a = q_free(tau_train, q_mean)
+        if how == "divide_q_center":
+            return _center_label_blocks(a, labels)
+        if how == "divide_q_double_center":
+            return double_center_label_blocks(a, labels)
+        if references is None:
+            raise ValueError("divide_q_test_center needs the label means' effects (references=(R, B))")
+        return center_at_references(a, labels, *references)
+    a = np.array(tau_train, np.float64)
     np.fill_diagonal(a, 0.0)
     if how == "paper":
         return a
-    if how == "divide_q_center":
-        a /= np.maximum(np.asarray(q_mean, np.float64), 1e-12)[None, :]
-        return _center_label_blocks(a, labels)
-    if how == "divide_q_double_center":
-        a /= np.maximum(np.asarray(q_mean, np.float64), 1e-12)[None, :]
-        return double_center_label_blocks(a, labels)
     rms = np.sqrt((a * a).sum(1, keepdims=True) / max(1, len(a) - 1))
     a /= np.where(rms > 0, rms, 1.0)
     return _center_label_blocks(a, labels) if how == "row_scale_center" else a
@@ -137,15 +204,41 @@ def default_sizes(n: int) -> list[int]:
 
 
 def prepare(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """B = A + Aᵀ with zero diagonal, and r = row sums of A without its diagonal."""
+    """B = A + Aᵀ with zero diagonal, and r = row sums of A without its diagonal (A is not changed)."""
     a = np.asarray(a, np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"the influence matrix must be square, got shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError("the influence matrix has non-finite entries")
-    a = a.copy()
-    np.fill_diagonal(a, 0.0)
-    return np.ascontiguousarray(a + a.T), a.sum(1)
+    r = a.sum(1) - np.diag(a)
+    b = a + a.T
+    np.fill_diagonal(b, 0.0)
+    return b, r
+
+
+def same_label_support(b: np.ndarray, weights: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """s_i = sum over j of i's label, j != i, of B_ij w_j: the swap gain of i with respect to the
+    found sets (w = how often, size-weighted, each example is in them), counted within its label.
+
+    Restricting to the label keeps one poison group from being cancelled by another: in an
+    all-to-all attack every label holds its own group, and groups aimed at neighbouring labels
+    oppose each other (docs/decisions.md).  One label block at a time (memory: the largest block).
+    """
+    labels = np.asarray(labels)
+    w = np.asarray(weights, np.float64)
+    out = np.zeros(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        blk = b[np.ix_(idx, idx)]
+        np.fill_diagonal(blk, 0.0)
+        out[idx] = blk @ w[idx]
+    return out
+
+
+def same_label_support_reference(b, weights, labels) -> np.ndarray:
+    n = len(labels)
+    return np.array([sum(b[i][j] * weights[j] for j in range(n) if j != i and labels[j] == labels[i])
+                     for i in range(n)])
 
 
 @numba.njit(cache=True)
@@ -269,23 +362,36 @@ def initial_sets(n: int, k: int, restarts: int, rng: np.random.Generator) -> np.
 
 def strongest_feature_scores(a: np.ndarray, sizes: list[int] | None = None, restarts: int = 20,
                              swaps: int = 100, max_passes: int = 100, seed: int = 0,
-                             size_exponent: float = 0.5, fast: bool = True, on_size=None) -> np.ndarray:
-    """Per-example detector score (higher = more likely part of the strongest feature)."""
+                             size_exponent: float = 0.5, fast: bool = True, on_size=None,
+                             score: str = "membership", labels: np.ndarray | None = None) -> np.ndarray:
+    """Per-example detector score (higher = more likely part of the strongest feature).
+
+    ``score="membership"``: the paper's aggregation, sum over sizes of k^-e times the share of
+    restarts whose solution holds the example.  ``score="support"``: each example's support from
+    those solutions within its label (:func:`same_label_support` of the membership; needs
+    ``labels``): continuous where membership saturates, so the poisons the search leaves out at
+    small sizes, or that lie in a group found by few restarts, still score by how strongly the
+    found poisons support them.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if score == "support" and (labels is None or len(labels) != len(a)):
+        raise ValueError("score='support' needs one label per example")
     b, r = prepare(a)
     n = len(b)
     sizes = [k for k in (sizes or default_sizes(n)) if 0 < k < n]
     if not sizes:
         raise ValueError(f"no valid subset size for n={n}")
     rng = np.random.default_rng(seed)
-    score = np.zeros(n)
+    member = np.zeros(n)
     search = search_fast if fast else search_reference
     for i, k in enumerate(sizes):
         d = -(k / n) * r
         sols = search(b, d, initial_sets(n, k, restarts, rng), swaps, max_passes)
-        score += sols.mean(0) * float(k) ** -size_exponent
+        member += sols.mean(0) * float(k) ** -size_exponent
         if on_size:
             on_size(i, len(sizes), k)
-    return score
+    return member if score == "membership" else same_label_support(b, member, labels)
 
 
 def auto_flag(scores: np.ndarray, min_separation: float = 4.5) -> np.ndarray:

@@ -67,10 +67,13 @@ def per_example_grads_reference(model: nn.Module, params: dict[str, torch.Tensor
 @torch.no_grad()
 def out_to_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-    """Q term: 1 - softmax(logits)[y] per example."""
+    """Q term: 1 - softmax(logits)[y] per example, computed as sigmoid(-margin) (the same number),
+    which stays accurate where the model is confident: ``1 - p`` in float32 rounds to 0 once p is
+    within 6e-8 of 1, and a zero Q erases the example's column of TRAK's scores (the backdoor
+    detector divides Q back out of them)."""
     base = copy.deepcopy(model).to("meta").eval()
     logits = functional_call(base, params, (x,))
-    return 1.0 - torch.softmax(logits, -1).gather(1, y.unsqueeze(1)).squeeze(1)
+    return torch.sigmoid(-margin(logits, y))
 
 
 # ---------------------------------------------------------------- random projection
@@ -161,3 +164,45 @@ def featurize(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
     """Projected margin gradients [N, k], computed chunk by chunk (never holds N x P)."""
     return torch.cat([project(per_example_grads(model, params, x[i:i + chunk], y[i:i + chunk]), k, seed)
                       for i in range(0, len(x), chunk)])
+
+
+def label_mean_effects(members, lam_rel: float) -> tuple[np.ndarray, np.ndarray]:
+    """How every training example's gradient feature meets its label's reference mean, in TRAK's kernel.
+
+    ``members`` yields, per ensemble member m, (Φ_m [n x k] training features, M_m [C x k]
+    reference means, one row per label).  With K_m = (Φ_mᵀΦ_m + λI)^{-1} (:func:`kernel_inverse`):
+
+        R[i, c] = mean_m  φ_m(x_i)ᵀ K_m μ_m,c          (n x C)
+        B[c, d] = mean_m  μ_m,cᵀ K_m μ_m,d             (C x C)
+
+    the cross terms of the train x train kernel (the one TRAK's scores hold, Q aside) once every
+    feature is centred at its label's mean (kernels.local_search.center_at_references).  Memory:
+    one member's features at a time.
+    """
+    r = b = None
+    count = 0
+    for phi, mu in members:
+        phi64 = np.asarray(phi, np.float64)
+        mu64 = np.asarray(mu, np.float64)
+        v = kernel_inverse(phi64, lam_rel) @ mu64.T            # k x C
+        r = phi64 @ v if r is None else r + phi64 @ v
+        b = mu64 @ v if b is None else b + mu64 @ v
+        count += 1
+    if not count:
+        raise ValueError("no ensemble member was given")
+    return r / count, b / count
+
+
+def label_mean_effects_reference(phis, mus, lam_rel: float) -> tuple[np.ndarray, np.ndarray]:
+    """Same, with the kernel between training features and reference means written out in full."""
+    r = b = 0
+    for phi, mu in zip(phis, mus):
+        phi = np.asarray(phi, np.float64)
+        mu = np.asarray(mu, np.float64)
+        xtx = phi.T @ phi
+        inv = np.linalg.inv(xtx + lam_rel * np.trace(xtx) / xtx.shape[0] * np.eye(xtx.shape[0]))
+        both = np.vstack([phi, mu])
+        kern = both @ inv @ both.T
+        r = r + kern[: len(phi), len(phi):]
+        b = b + kern[len(phi):, len(phi):]
+    return r / len(phis), b / len(phis)

@@ -20,6 +20,7 @@ import torch
 
 from kernels.baselines import activation_clustering, spectre_scores
 from kernels.local_search import auto_flag, influence_matrix, strongest_feature_scores
+from kernels.trak import label_mean_effects
 from kernels.spectral import spectral_scores
 from kernels.train import unstack
 from ops.spec import Spec
@@ -74,11 +75,34 @@ class Inputs:
 
     @cached_property
     def influence(self) -> np.ndarray:
-        """The train x train matrix the strongest-feature search runs on (kernels.local_search)."""
+        """The train x train matrix the strongest-feature search runs on (kernels.local_search).
+
+        ``divide_q_test_center`` centres every label at the mean gradient feature of its test
+        examples; when some label has fewer than ``detector.min_reference`` of them, the whole
+        matrix falls back to ``divide_q_double_center`` (each label centred at its own training
+        examples), and the log says so."""
         d = self.spec.detector
         tau = self.store.load_npy(self.exp, "attribution_scores", "train_x_train.npy")
         q = self.store.load_npy(self.exp, "attribution_scores", "q_mean.npy")
-        return influence_matrix(tau, q, self.labels, d.prepare)
+        how, references = d.prepare, None
+        if how == "divide_q_test_center":
+            test_labels = np.asarray(self.store.load_npy(self.exp, "training_set", "test_labels.npy"))
+            classes = np.unique(self.labels)
+            onehot = (test_labels[None, :] == classes[:, None]).astype(np.float64)     # C x t
+            counts = onehot.sum(1)
+            if counts.min() < d.min_reference:
+                short = [c.item() for c, k in zip(classes, counts) if k < d.min_reference]
+                self.log(f"strongest_feature: labels {short} have fewer than {d.min_reference} test examples "
+                         f"(detector.min_reference); every label is centred at its training mean instead "
+                         f"(divide_q_double_center)")
+                how = "divide_q_double_center"
+            else:
+                means = onehot / counts[:, None]
+                train = self.store.load_npy(self.exp, "gradient_features", "train.npy")
+                test = self.store.load_npy(self.exp, "gradient_features", "test.npy")
+                members = ((train[m], means @ np.asarray(test[m], np.float64)) for m in range(len(train)))
+                references = label_mean_effects(members, self.spec.trak.lam)
+        return influence_matrix(tau, q, self.labels, how, references)
 
 
 DETECTORS: dict[str, Callable[[Inputs], Detection]] = {}
@@ -107,7 +131,7 @@ def strongest_feature(inp: Inputs) -> Detection:
     t0 = time.perf_counter()
     scores = strongest_feature_scores(
         a, sizes=d.sizes, restarts=d.restarts, swaps=d.swaps, max_passes=d.max_passes, seed=inp.spec.seed,
-        size_exponent=d.size_exponent,
+        size_exponent=d.size_exponent, score=d.score, labels=inp.labels,
         on_size=lambda i, k, size: inp.log(f"local search: size {size} ({i + 1}/{k}, "
                                            f"{time.perf_counter() - t0:.1f}s)"))
     flags, rule = _flag_by_rule(inp.spec, scores)

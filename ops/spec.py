@@ -197,7 +197,12 @@ DETECTOR_METHODS = ("strongest_feature", "spectral_signatures", "activation_clus
 
 class DetectorSpec(_Section):
     methods: list[Literal[DETECTOR_METHODS]] = list(DETECTOR_METHODS)   # the first one is the report's headline
-    prepare: Literal["paper", "divide_q_center", "divide_q_double_center", "row_scale", "row_scale_center"] = "divide_q_double_center"
+    # the matrix the search runs on (kernels.local_search.influence_matrix); the default centres every
+    # label at its clean test examples' mean, which assumes the test split is not poisoned
+    prepare: Literal["paper", "divide_q_center", "divide_q_double_center", "divide_q_test_center", "row_scale",
+                     "row_scale_center"] = "divide_q_test_center"
+    min_reference: int = Field(10, gt=0)  # a label with fewer test examples is centred at its training mean
+    score: Literal["membership", "support"] = "support"   # per-example score (kernels.local_search)
     sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
     restarts: int = Field(200, gt=0)
     swaps: int = Field(100, gt=0)

@@ -124,3 +124,49 @@ def test_every_spec_method_is_registered():
     from ops.spec import DETECTOR_METHODS
 
     assert set(DETECTORS) == set(DETECTOR_METHODS)
+
+
+def test_detector_centres_at_test_examples_through_the_real_stages(tmp_path):
+    """Digits with a BadNets patch, through the real stages: the default preparation centres every
+    label at its test examples' mean (gradient features of the stored models) and finds the poisons;
+    with too few test examples per label it falls back to double centring, and says so."""
+    import torch
+
+    from kernels.stats import detection_metrics
+    from ops import attribution as A
+    from ops import data as D
+    from ops import training as T
+    from ops.detectors import DETECTORS, Inputs
+    from ops.spec import parse_spec
+    from ops.store import ArtifactStore
+
+    spec = parse_spec({"name": "tc", "seed": 2, "dataset": {"source": "digits", "limit_train": 400, "limit_test": 200},
+                       "attack": {"kind": "badnets", "poison_count": 30, "patch_size": 3},
+                       "model": {"arch": "mlp", "hidden": 32}, "training": {"epochs": 10, "batch_size": 32},
+                       "subsets": {"num_models": 24, "num_heldout": 2}, "trak": {"num_models": 16, "proj_dim": 48},
+                       "detector": {"restarts": 12}})
+    store, exp, dev, log = ArtifactStore(tmp_path), "tc", torch.device("cpu"), []
+    for stage in (D.raw_dataset, D.training_set, D.loader_files, D.subset_masks):
+        stage(spec, store, exp)
+    for jobs in T.plan_shards(spec, store, exp, log.append):
+        T.train_shard(spec, store, exp, jobs, dev, log.append)
+    T.collect_models(spec, store, exp, log.append)
+    A.gradient_features(spec, store, exp, dev, log.append)
+    A.attribution_scores(spec, store, exp, log.append)
+    labels = np.asarray(store.load_npy(exp, "training_set", "train_labels.npy"))
+    truth = np.asarray(store.load_npy(exp, "training_set", "poisoned.npy")) == 1
+
+    def detect(**detector):
+        s = parse_spec({**spec.model_dump(mode="json"), "detector": {**spec.detector.model_dump(mode="json"), **detector}})
+        messages = []
+        det = DETECTORS["strongest_feature"](Inputs(s, store, exp, dev, messages.append, labels))
+        return det, messages
+
+    tc, msgs = detect()
+    assert spec.detector.prepare == "divide_q_test_center" and not any("fewer than" in m for m in msgs)
+    assert detection_metrics(tc.scores, tc.flags, truth)["auroc"] > 0.95
+    fallback, msgs = detect(min_reference=50)             # 20 test images per label: too few
+    assert any("fewer than 50 test examples" in m for m in msgs)
+    dc, _ = detect(prepare="divide_q_double_center")
+    np.testing.assert_array_equal(fallback.scores, dc.scores)
+    assert not np.array_equal(tc.scores, dc.scores)

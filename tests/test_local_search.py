@@ -69,3 +69,115 @@ def test_sizes_adapt_to_n_and_noise_flags_nothing():
     assert default_sizes(8) == [2]
     rng = np.random.default_rng(1)
     assert auto_flag(rng.standard_normal(500)).sum() == 0
+
+
+def _auroc(scores, truth):
+    from sklearn.metrics import roc_auc_score
+    return roc_auc_score(truth, scores)
+
+
+def test_q_free_recovers_the_symmetric_kernel_where_q_is_zero():
+    from kernels.local_search import q_free
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 8))
+    kern = x @ x.T
+    q = rng.uniform(0.01, 1, 30)
+    q[[3, 17]] = 0.0                                   # fitted to float precision: their columns vanish
+    tau = kern * q[None, :]
+    out = q_free(tau, q)
+    known = ~np.eye(30, dtype=bool)
+    known[3, 17] = known[17, 3] = False                # both columns lost: nothing to recover
+    np.testing.assert_allclose(out[known], kern[known], rtol=1e-12)
+    assert (np.diag(out) == 0).all() and out[3, 17] == out[17, 3] == 0
+    with pytest.raises(ValueError, match="n x n"):
+        q_free(tau[:, :4], q)
+
+
+def test_centring_at_references_is_the_kernel_of_centred_features():
+    """With R and B from reference means, the centred kernel equals (ψ_i − μ_yi)·(ψ_j − μ_yj) off the
+    diagonal, and the vectorized version equals the plain loops."""
+    from kernels.local_search import center_at_references, center_at_references_reference
+    rng = np.random.default_rng(4)
+    n, d = 40, 6
+    labels = rng.choice(np.array([3, 7, 9]), n)
+    psi = rng.standard_normal((n, d))
+    mu = rng.standard_normal((3, d))                   # one reference mean per label, in np.unique order
+    y = np.searchsorted([3, 7, 9], labels)
+    expect = (psi - mu[y]) @ (psi - mu[y]).T
+    np.fill_diagonal(expect, 0.0)
+    got = center_at_references(psi @ psi.T, labels, psi @ mu.T, mu @ mu.T)
+    np.testing.assert_allclose(got, expect, atol=1e-10)
+    np.testing.assert_allclose(center_at_references_reference(psi @ psi.T, labels, psi @ mu.T, mu @ mu.T),
+                               expect, atol=1e-10)
+    with pytest.raises(ValueError, match="label effects"):
+        center_at_references(psi @ psi.T, labels, psi @ mu[:2].T, mu @ mu.T)
+
+
+def test_same_label_support_fast_matches_reference():
+    from kernels.local_search import same_label_support, same_label_support_reference
+    rng = np.random.default_rng(5)
+    n = 60
+    b = rng.standard_normal((n, n))
+    labels = rng.integers(0, 4, n)
+    w = rng.uniform(0, 1, n)
+    np.testing.assert_allclose(same_label_support(b, w, labels), same_label_support_reference(b, w, labels),
+                               atol=1e-12)
+
+
+def _half_label_poisoned(seed=0, n=600, d=40):
+    """Features of 6 labels; half of label 0 carries an extra shared direction (the trigger), like a
+    clean-label attack on half the target class or BadNets at 10% of a 10-class set.  Returns the
+    features, the labels, the truth and reference means drawn like the clean examples (a test split)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 6
+    means = rng.standard_normal((6, d)) * 2
+    x = means[labels] + rng.standard_normal((n, d))
+    truth = (labels == 0) & (rng.uniform(size=n) < 0.5)
+    x[truth, 0] += 2.5
+    test_labels = np.arange(300) % 6
+    test = means[test_labels] + rng.standard_normal((300, d))
+    mu = np.stack([test[test_labels == c].mean(0) for c in range(6)])
+    return x, labels, truth, mu
+
+
+def test_test_centring_breaks_the_mirror_of_a_half_poisoned_label():
+    """When poisons are half their label, centring at the label's own mean makes the two halves mirror
+    images (the search may take either); centring at clean reference means of the label does not."""
+    from kernels.local_search import center_at_references, double_center_label_blocks
+    aucs = {"test": [], "double": []}
+    for seed in range(3):
+        x, labels, truth, mu = _half_label_poisoned(seed)
+        gram = x @ x.T
+        tc = center_at_references(gram.copy(), labels, x @ mu.T, mu @ mu.T)
+        dc = double_center_label_blocks(gram.copy(), labels)
+        for key, a in (("test", tc), ("double", dc)):
+            s = strongest_feature_scores(a, sizes=[20, 40, 80], restarts=8, seed=seed, score="support", labels=labels)
+            aucs[key].append(_auroc(s, truth))
+    assert min(aucs["test"]) > 0.95
+    assert np.mean(aucs["double"]) < np.mean(aucs["test"]) - 0.1
+
+
+def test_support_score_keeps_groups_that_oppose_each_other():
+    """All-to-all poisoning: two planted groups in two labels that suppress each other (negative
+    cross block).  Membership splits the restarts between the groups; the within-label support
+    ranks both above the clean examples, and the global sum would let one cancel the other."""
+    rng = np.random.default_rng(3)
+    n = 400
+    labels = np.arange(n) % 4
+    a = rng.standard_normal((n, n)) * 0.5
+    a = (a + a.T) / 2
+    g1 = np.flatnonzero(labels == 1)[:25]
+    g2 = np.flatnonzero(labels == 2)[:25]
+    a[np.ix_(g1, g1)] += 1.2
+    a[np.ix_(g2, g2)] += 1.0
+    a[np.ix_(g1, g2)] -= 1.5
+    a[np.ix_(g2, g1)] -= 1.5
+    truth = np.zeros(n, bool)
+    truth[g1] = truth[g2] = True
+    s = strongest_feature_scores(a, sizes=[10, 20], restarts=12, seed=0, score="support", labels=labels)
+    assert _auroc(s, truth) > 0.99
+    assert auto_flag(s)[truth].mean() > 0.9
+    with pytest.raises(ValueError, match="one label per example"):
+        strongest_feature_scores(a, sizes=[10], restarts=2, score="support")
+    with pytest.raises(ValueError, match="unknown score"):
+        strongest_feature_scores(a, sizes=[10], restarts=2, score="loudest")

@@ -59,3 +59,41 @@ def test_per_example_grads_of_a_batchnorm_model_hold_statistics_fixed():
     ref = per_example_grads_reference(model, state, x, y)
     assert fast.shape == (5, sum(p.numel() for p in model.parameters()))
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_out_to_loss_is_one_minus_p_and_never_rounds_to_zero():
+    from kernels.trak import out_to_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(50, 4) * torch.logspace(-1, 2, 50)[:, None]     # up to very confident logits
+    y = torch.randint(0, 3, (50,))
+    q = out_to_loss(model, dict(model.state_dict()), x, y).double()
+    p = torch.softmax(model(x).double(), -1).gather(1, y[:, None]).squeeze(1)
+    exact = 1 - p
+    big = exact > 1e-6
+    assert big.any() and (~big).any()
+    torch.testing.assert_close(q[big], exact[big], rtol=1e-4, atol=0)
+    assert (q > 0).all()                       # 1 - softmax in float32 gives exact zeros here
+    assert (1 - torch.softmax(model(x), -1).gather(1, y[:, None]).squeeze(1) == 0).any()
+
+
+def test_label_mean_effects_match_the_written_out_kernel():
+    from kernels.trak import label_mean_effects, label_mean_effects_reference
+    rng = np.random.default_rng(0)
+    phis = [rng.standard_normal((50, 8)) for _ in range(3)]
+    mus = [rng.standard_normal((4, 8)) for _ in range(3)]
+    r, b = label_mean_effects(zip(phis, mus), 0.05)
+    r_ref, b_ref = label_mean_effects_reference(phis, mus, 0.05)
+    np.testing.assert_allclose(r, r_ref, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(b, b_ref, rtol=1e-8, atol=1e-12)
+    assert r.shape == (50, 4) and b.shape == (4, 4)
+    # consistent with the train x train scores TRAK stores: R[i, c] is the kernel of example i with
+    # the mean of the examples a label's mean was taken over, when those are training examples
+    w = np.zeros((4, 50))
+    w[np.arange(50) % 4, np.arange(50)] = 1
+    w /= w.sum(1, keepdims=True)
+    r2, _ = label_mean_effects(((p, w @ p) for p in phis), 0.05)
+    qs = [np.ones(50)] * 3
+    kern = trak_scores_reference(phis, phis, qs, 0.05).astype(np.float64)
+    np.testing.assert_allclose(r2, kern @ w.T, rtol=1e-4, atol=1e-6)
