@@ -56,7 +56,8 @@ def q_free(tau_train: np.ndarray, q_mean: np.ndarray) -> np.ndarray:
     return k
 
 
-def center_at_references(k: np.ndarray, labels: np.ndarray, effects: np.ndarray, block: np.ndarray) -> np.ndarray:
+def center_at_references(k: np.ndarray, labels: np.ndarray, effects: np.ndarray, block: np.ndarray,
+                         rows: int = 1024) -> np.ndarray:
     """k_ij - R[i, y_j] - R[j, y_i] + B[y_i, y_j], in place, diagonal left at zero.
 
     With k the kernel of features ψ, R[i, c] = ψ_i · μ_c and B[c, d] = μ_c · μ_d for reference
@@ -70,11 +71,11 @@ def center_at_references(k: np.ndarray, labels: np.ndarray, effects: np.ndarray,
     if r.shape != (len(y), len(classes)) or b.shape != (len(classes), len(classes)):
         raise ValueError(f"label effects must be {len(y)} x {len(classes)} and {len(classes)} x {len(classes)}, "
                          f"got {r.shape} and {b.shape}")
-    ry = r[:, y]                                   # [i, j] = R[i, y_j]
-    k -= ry
-    k -= ry.T
-    del ry
-    k += b[np.ix_(y, y)]
+    for i0 in range(0, len(y), rows):              # row blocks: no n x n temporary
+        i1 = min(len(y), i0 + rows)
+        k[i0:i1] -= r[i0:i1][:, y]                 # R[i, y_j]
+        k[i0:i1] -= r[:, y[i0:i1]].T               # R[j, y_i]
+        k[i0:i1] += b[y[i0:i1]][:, y]              # B[y_i, y_j]
     np.fill_diagonal(k, 0.0)
     return k
 

@@ -105,8 +105,9 @@ def test_centring_at_references_is_the_kernel_of_centred_features():
     y = np.searchsorted([3, 7, 9], labels)
     expect = (psi - mu[y]) @ (psi - mu[y]).T
     np.fill_diagonal(expect, 0.0)
-    got = center_at_references(psi @ psi.T, labels, psi @ mu.T, mu @ mu.T)
-    np.testing.assert_allclose(got, expect, atol=1e-10)
+    for rows in (1024, 7):                              # one block, and blocks that do not divide n
+        got = center_at_references(psi @ psi.T, labels, psi @ mu.T, mu @ mu.T, rows=rows)
+        np.testing.assert_allclose(got, expect, atol=1e-10)
     np.testing.assert_allclose(center_at_references_reference(psi @ psi.T, labels, psi @ mu.T, mu @ mu.T),
                                expect, atol=1e-10)
     with pytest.raises(ValueError, match="label effects"):
