@@ -97,20 +97,39 @@ def _roles(store: ArtifactStore, exp: str):
     return masks, roles, margins
 
 
+def _fit_val(spec: Spec, models: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded share (datamodels.val_fraction) of ``models`` to choose λ on, the rest to fit."""
+    perm = np.random.default_rng([spec.seed, 23]).permutation(models)
+    n_val = max(1, int(round(spec.datamodels.val_fraction * len(models))))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _fit(spec: Spec, masks, margins, fit, val, log: Log, what: str):
+    t0 = time.perf_counter()
+    return fit_datamodels(masks[fit], margins[fit], masks[val], margins[val],
+                          n_lambdas=spec.datamodels.n_lambdas, eps=spec.datamodels.eps,
+                          tol=spec.datamodels.tol, memory_mb=spec.datamodels.memory_mb,
+                          solver=spec.datamodels.solver, max_iter=spec.datamodels.max_iter,
+                          on_step=lambda i, k: log(f"{what}: path step {i}/{k} ({time.perf_counter() - t0:.1f}s)"))
+
+
+def datamodels_train_x_train(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> np.ndarray:
+    """Datamodels whose targets are the training examples (the strongest-feature paper's input):
+    every training example's margin across all subset models regressed on the masks, its own mask
+    column included (it takes the effect of being trained on).  Rows = targets, columns = training
+    examples, float64 n x n; the diagonal is that self effect."""
+    masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
+    margins = np.asarray(store.load_npy(exp, "model_outputs", "margins_train.npy"))[: len(masks)]
+    fit, val = _fit_val(spec, np.arange(len(masks)))
+    res = _fit(spec, masks, margins, fit, val, log, "datamodels (train x train)")
+    return np.ascontiguousarray(res.weight.T, np.float64)
+
+
 def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
     masks, roles, margins = _roles(store, exp)
-    tr = np.flatnonzero(roles == "train")
-    rng = np.random.default_rng([spec.seed, 23])
-    perm = rng.permutation(tr)
-    n_val = max(1, int(round(spec.datamodels.val_fraction * len(tr))))
-    val, fit = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    fit, val = _fit_val(spec, np.flatnonzero(roles == "train"))
     t0 = time.perf_counter()
-    res = fit_datamodels(masks[fit], margins[fit], masks[val], margins[val],
-                         n_lambdas=spec.datamodels.n_lambdas, eps=spec.datamodels.eps,
-                         tol=spec.datamodels.tol, memory_mb=spec.datamodels.memory_mb,
-                         solver=spec.datamodels.solver, max_iter=spec.datamodels.max_iter,
-                         on_step=lambda i, k: log(f"datamodels: path step {i}/{k} "
-                                                  f"({time.perf_counter() - t0:.1f}s)"))
+    res = _fit(spec, masks, margins, fit, val, log, "datamodels")
     store.save_npy(exp, DM, "weight.npy", res.weight)      # train x targets
     store.save_npy(exp, DM, "bias.npy", res.bias)
     store.save_npy(exp, DM, "lambda.npy", res.lam)

@@ -82,6 +82,11 @@ class Inputs:
         matrix falls back to ``divide_q_double_center`` (each label centred at its own training
         examples), and the log says so."""
         d = self.spec.detector
+        if d.input == "datamodels":            # no Q to divide out: the divide_q_* preparations only centre
+            from ops.attribution import datamodels_train_x_train
+
+            a = datamodels_train_x_train(self.spec, self.store, self.exp, self.log)
+            return influence_matrix(a, np.ones(self.n), self.labels, d.prepare)
         tau = self.store.load_npy(self.exp, "attribution_scores", "train_x_train.npy")
         q = self.store.load_npy(self.exp, "attribution_scores", "q_mean.npy")
         how, references = d.prepare, None

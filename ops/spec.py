@@ -197,6 +197,9 @@ DETECTOR_METHODS = ("strongest_feature", "spectral_signatures", "activation_clus
 
 class DetectorSpec(_Section):
     methods: list[Literal[DETECTOR_METHODS]] = list(DETECTOR_METHODS)   # the first one is the report's headline
+    # the train x train matrix the search runs on: TRAK's, or datamodels fitted to every subset model's
+    # margins on the training examples (the paper's input; needs many models, e.g. the demo's 576)
+    input: Literal["trak", "datamodels"] = "trak"
     # the matrix the search runs on (kernels.local_search.influence_matrix); the default centres every
     # label at its clean test examples' mean, which assumes the test split is not poisoned
     prepare: Literal["paper", "divide_q_center", "divide_q_double_center", "divide_q_test_center", "row_scale",
@@ -211,6 +214,21 @@ class DetectorSpec(_Section):
     flag_count: Optional[int] = Field(None, gt=0)   # None: flag the group that stands out
     min_separation: float = Field(4.5, gt=0)
     retrain: bool = True                 # retrain without each method's flagged set and report ASR
+
+    @model_validator(mode="before")
+    @classmethod
+    def _datamodels_default_prepare(cls, data):
+        # datamodels have no gradient features to centre at test examples: double centring by default
+        if isinstance(data, dict) and data.get("input") == "datamodels" and "prepare" not in data:
+            return {**data, "prepare": "divide_q_double_center"}
+        return data
+
+    @model_validator(mode="after")
+    def _input_prepare(self):
+        if self.input == "datamodels" and self.prepare == "divide_q_test_center":
+            raise ValueError("prepare: divide_q_test_center needs TRAK's gradient features; with input: datamodels "
+                             "use divide_q_double_center, divide_q_center or paper")
+        return self
 
     @field_validator("sizes")
     @classmethod

@@ -33,6 +33,8 @@ def test_demo_spec_is_valid():
     ({"training": {"save_epochs": [10]}, "trak": {"checkpoint_epochs": [10, 20]}}, "trak.checkpoint_epochs",
      "[20] not in training.save_epochs"),
     ({"model": {"arch": "torchvision.resnet81"}}, "model.arch", "did you mean resnet18"),
+    ({"detector": {"input": "datamodels", "prepare": "divide_q_test_center"}}, "detector.prepare",
+     "needs TRAK's gradient features"),
 ])
 def test_bad_specs_are_refused_naming_the_key(tmp_path, body, key, words):
     p = _write(tmp_path, "bad", body)
@@ -79,3 +81,9 @@ def test_digest_changes_with_content():
     a = parse_spec({"name": "a"})
     assert a.digest() == parse_spec({"name": "a"}).digest()
     assert a.digest() != parse_spec({"name": "a", "seed": 1}).digest()
+
+
+def test_datamodels_input_defaults_to_double_centring():
+    spec = parse_spec({"name": "x", "detector": {"input": "datamodels"}})
+    assert spec.detector.prepare == "divide_q_double_center"
+    assert parse_spec({"name": "x"}).detector.prepare == "divide_q_test_center"
