@@ -13,10 +13,15 @@ exact (the diagonal penalty enters with the right sign for members and non-membe
 cross term A_oa + A_ao is included), f is tracked exactly, sizes adapt to n, every restart is
 seeded, and scores are normalized by the number of restarts.
 
-    score_i = sum_k k^(-e) * (fraction of restarts at size k whose solution contains i)
+    m_i = sum_k k^(-e) * (fraction of restarts at size k whose solution contains i)
 
 with e = 1 in the paper's code; e = 0.5 is the default here (docs/decisions.md: it ranks weakly
 connected poisons better, because small sizes no longer drown out the sizes that contain them).
+That membership m is the paper's score (``score="membership"``); the default score is each
+example's support from the found sets within its label, s_i = sum_{j: y_j = y_i} B_ij m_j
+(``same_label_support``): the local search's own swap gain, continuous where membership saturates.
+The matrix itself is prepared from TRAK's scores by ``influence_matrix`` (Q divided out, labels
+centred at reference means).
 
 ``search_fast`` (numba, restarts in parallel) and ``search_reference`` (numpy) run the same
 algorithm on the same initial sets and return the same solutions.
