@@ -44,9 +44,10 @@ SETTINGS = {
     "sig-5": {"kind": "sig", "poison_rate": 0.05, "sig_delta": 30, "sig_test_delta": 60, "sig_frequency": 6},
 }
 # settings never used to choose the detector's design (run by name: --settings blend-2 ...): the two
-# sets of the report (a low-opacity blend on 2%, a small checkerboard on 0.5%) and a random
-# 3x3 pattern at a random spot aimed at another class
+# sets of the report (a low-opacity blend on 2%, a small checkerboard on 0.5%), a random
+# 3x3 pattern at a random spot aimed at another class, and no attack at all (what gets flagged)
 HELDOUT = {
+    "clean": {"kind": "none"},
     "blend-2": {"kind": "blend", "poison_rate": 0.02, "blend_alpha": 0.1},
     "checker-0.5": {"kind": "badnets", "poison_rate": 0.005, "patch_size": 3, "patch_pattern": "checkerboard"},
     "random-3-t5": {"kind": "badnets", "poison_rate": 0.03, "patch_size": 3, "patch_pattern": "random",
