@@ -18,6 +18,8 @@ instead of the within-label support, and ``strongest_feature_paper`` is the pape
     python bench/backdoor.py                          # every setting, seeds 0 1 2 (hours on 2 cores)
     python bench/backdoor.py --settings blend-5 --seeds 0
     python bench/backdoor.py --quick                  # digits, two settings, one seed: a minute
+    python bench/backdoor.py --merge bench/results/backdoor-s0.json bench/results/backdoor-s1.json
+                                                      # runs made separately, into backdoor.json
 """
 from __future__ import annotations
 
@@ -209,7 +211,12 @@ def main() -> int:
                     help=f"detector variants as extra rows strongest_feature_<variant>, of {', '.join(VARIANTS)}")
     ap.add_argument("--rerun", action="store_true", help="recompute reports even where a stored run matches")
     ap.add_argument("--tag", default="", help="suffix of the results file (bench/results/backdoor<tag>.json)")
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                    help="run nothing: join results files written by separate runs (e.g. one per seed) into "
+                         "bench/results/backdoor<tag>.json, with the ratios over all their runs")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.tag)
     settings = QUICK_SETTINGS if args.quick else {**SETTINGS, **HELDOUT}
     base = QUICK if args.quick else BASE
     names = args.settings or list(QUICK_SETTINGS if args.quick else SETTINGS)
@@ -312,6 +319,45 @@ def summarize(runs: list, config: dict, args, final: bool) -> None:
         out(f"  detector time on {r['experiment']}: {_f(row['seconds'], 1)} s (< 120 s): "
               f"{'met' if row['seconds'] < 120 else 'NOT met'}")
     write_results("backdoor", config, results, ratios, quick=args.quick, tag=args.tag)
+
+
+def merge(files: list[str], tag: str) -> int:
+    """One results file from several (each a list of per-run rows): the rows joined, the config's
+    settings and seeds united, the AUROC ratios recomputed over every run."""
+    docs = []
+    for f in files:
+        try:
+            d = json.loads(Path(f).read_text())
+            assert d.get("bench") == "backdoor" and isinstance(d.get("results"), list)
+        except (OSError, ValueError, AssertionError):
+            print(f"{f}: not a results file of bench/backdoor.py", file=sys.stderr)
+            return 2
+        docs.append(d)
+    cases = [r["case"] for d in docs for r in d["results"] if r["metric"] == "auroc"
+             and r["system"] == "strongest_feature"]
+    dup = sorted({c for c in cases if cases.count(c) > 1})
+    if dup:
+        print(f"the same run in more than one file: {', '.join(dup)}", file=sys.stderr)
+        return 2
+    results = [r for d in docs for r in d["results"]]
+    config = {**docs[0]["config"], "merged_from": [str(f) for f in files],
+              "settings": {k: v for d in docs for k, v in d["config"]["settings"].items()},
+              "seeds": sorted({s for d in docs for s in d["config"]["seeds"]})}
+
+    def mean_of(system):
+        v = [r["value"] for r in results if r["system"] == system and r["metric"] == "auroc"]
+        return float(np.mean(v)) if v else None
+
+    ours = mean_of("strongest_feature")
+    ratios = [{"case": "all", "metric": "auroc", "of": "strongest_feature", "over": m,
+               "value": round(ours / mean_of(m), 4)} for m in BASELINES if ours is not None and mean_of(m)]
+    systems = list(dict.fromkeys(r["system"] for r in results if r["metric"] == "auroc"))
+    print(f"mean over {len(cases)} runs   AUROC   recall@1%FPR")
+    for m in systems:
+        r1 = [r["value"] for r in results if r["system"] == m and r["metric"] == "recall_at_fpr01"]
+        print(f"  {m:31s} {_f(mean_of(m))}  {_f(float(np.mean(r1)) if r1 else None)}")
+    write_results("backdoor", config, results, ratios, tag=tag)
+    return 0
 
 
 if __name__ == "__main__":
