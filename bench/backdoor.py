@@ -163,10 +163,9 @@ def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
     log = lambda m: print(f"  [{exp}] {m}", flush=True)  # noqa: E731
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     upstream_s = build_upstream(spec, store, exp, dev, log)
-    cache = store.path(exp, "bench_report.json")
     key = {"spec": spec.model_dump(mode="json"), "variants": list(variants), "code": _code_digest()}
-    if reuse and cache.exists():
-        stored = json.loads(cache.read_text())
+    if reuse and store.path(exp, "bench", "report.json").exists():
+        stored = store.load_json(exp, "bench", "report.json")
         if stored.get("key") == key:
             log("report reused (same spec, variants and code)")
             return stored["result"]
@@ -190,9 +189,7 @@ def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
                      "model_accuracy": float(full["accuracy"]),
                      "model_attack_success": None if asr is None or asr != asr else float(asr),
                      "upstream_seconds": upstream_s, "report_seconds": summary["seconds"]})
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "result": result}))
-    tmp.replace(cache)
+    store.save_json(exp, "bench", "report.json", {"key": key, "result": result})
     return result
 
 
@@ -287,15 +284,10 @@ def summarize(runs: list, config: dict, args, final: bool) -> None:
                      f"{_f(mean_of(m, 'retrain_attack_success_rate', [n]), 2)}" for n in names]
             out(f"  {m:31s} " + " ".join(f"{c:>18s}" for c in cells))
     out(f"\nmean over {len(runs)} runs   AUROC   recall@1%FPR")
-    ratios = []
     for m in methods:
         out(f"  {m:31s} {_f(mean_of(m, 'auroc'))}  {_f(mean_of(m, 'recall_at_fpr01'))}")
     ours = mean_of("strongest_feature", "auroc")
-    for m in methods:
-        theirs = mean_of(m, "auroc")
-        if m in BASELINES and ours is not None and theirs:
-            ratios.append({"case": "all", "metric": "auroc", "of": "strongest_feature", "over": m,
-                           "value": round(ours / theirs, 4)})
+    ratios = _auroc_ratios(lambda m: mean_of(m, "auroc"))
     out("\ntargets (issue 11):")
     sel = [r for r in runs if r["setting"] in RECALL_TARGET]
     for r in sel:
@@ -319,6 +311,13 @@ def summarize(runs: list, config: dict, args, final: bool) -> None:
         out(f"  detector time on {r['experiment']}: {_f(row['seconds'], 1)} s (< 120 s): "
               f"{'met' if row['seconds'] < 120 else 'NOT met'}")
     write_results("backdoor", config, results, ratios, quick=args.quick, tag=args.tag)
+
+
+def _auroc_ratios(mean_auroc) -> list[dict]:
+    """The detector's mean AUROC over each baseline's (BENCH.md's ratio rows)."""
+    ours = mean_auroc("strongest_feature")
+    return [{"case": "all", "metric": "auroc", "of": "strongest_feature", "over": m,
+             "value": round(ours / mean_auroc(m), 4)} for m in BASELINES if ours is not None and mean_auroc(m)]
 
 
 def merge(files: list[str], tag: str) -> int:
@@ -348,9 +347,7 @@ def merge(files: list[str], tag: str) -> int:
         v = [r["value"] for r in results if r["system"] == system and r["metric"] == "auroc"]
         return float(np.mean(v)) if v else None
 
-    ours = mean_of("strongest_feature")
-    ratios = [{"case": "all", "metric": "auroc", "of": "strongest_feature", "over": m,
-               "value": round(ours / mean_of(m), 4)} for m in BASELINES if ours is not None and mean_of(m)]
+    ratios = _auroc_ratios(mean_of)
     systems = list(dict.fromkeys(r["system"] for r in results if r["metric"] == "auroc"))
     print(f"mean over {len(cases)} runs   AUROC   recall@1%FPR")
     for m in systems:
