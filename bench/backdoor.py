@@ -8,12 +8,14 @@ own experiment under ``--home``; trained models and TRAK features are reused whe
 setting runs again.  Per method it records AUROC, recall at 1% FPR, precision/recall of the
 flagged set (no method is told the poison rate), and clean accuracy / attack success of a
 model retrained without the flagged set, next to a model retrained without exactly the true
-poisons (the reference).  Variants of the detector run on the same matrices as extra rows
-(detection metrics only; ``--variants`` picks them): ``strongest_feature_double_center`` centres
-every label at its own training mean instead of its clean test examples' mean (no clean data
-needed), ``strongest_feature_membership`` scores by the paper's aggregation of search membership
-instead of the within-label support, and ``strongest_feature_paper`` is the paper as written
-(TRAK's matrix as it is, membership scores).
+poisons (the reference).  Variants of the detector run on the same data as extra rows
+(detection metrics only; ``--variants`` picks them, VARIANTS lists them): ``test_center`` is the
+previous default (TRAK's matrix with Q divided out, labels centred at their clean test mean, the
+paper's global search), ``global`` the default kernel with the paper's global search instead of
+the global + per-label one, ``double_center`` centres every label at its own training mean (no
+clean data needed), ``membership`` scores by the paper's aggregation of search membership instead
+of the within-label support, and ``paper`` is the paper as written (TRAK's matrix as it is,
+membership scores, global search).
 
     python bench/backdoor.py                          # every setting, seeds 0 1 2 (hours on 2 cores)
     python bench/backdoor.py --settings blend-5 --seeds 0
@@ -75,10 +77,12 @@ QUICK_SETTINGS = {"badnets-8": {"kind": "badnets", "poison_rate": 0.08, "patch_s
 # rows beside strongest_feature (the spec's defaults, with retraining): the same detector with these
 # detector settings, on the same matrices (detection metrics only)
 VARIANTS = {
-    "double_center": {"prepare": "divide_q_double_center"},
+    "test_center": {"prepare": "divide_q_test_center", "search": "global"},   # the default before clean_whiten
+    "global": {"search": "global"},                                            # clean_whiten, the paper's search
+    "double_center": {"prepare": "divide_q_double_center", "search": "global"},
     "membership": {"score": "membership"},
-    "paper": {"prepare": "paper", "score": "membership"},
-    "center": {"prepare": "divide_q_center", "score": "membership"},
+    "paper": {"prepare": "paper", "score": "membership", "search": "global"},
+    "center": {"prepare": "divide_q_center", "score": "membership", "search": "global"},
 }
 
 
@@ -144,7 +148,7 @@ def _plain(v):
 
 
 def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
-                variants=("double_center", "membership", "paper"), reuse: bool = True) -> dict:
+                variants=("test_center", "global", "paper"), reuse: bool = True) -> dict:
     """One setting at one seed: upstream (reused when stored), the report with its retraining and the
     variants' rows.  The finished run is stored beside the experiment and reused when the spec, the
     variants and the code (REPORT_CODE) are the same."""
@@ -204,7 +208,7 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--home", default=str(ROOT / "bench" / ".backdoor-work"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--variants", nargs="*", default=["double_center", "membership", "paper"],
+    ap.add_argument("--variants", nargs="*", default=["test_center", "global", "paper"],
                     help=f"detector variants as extra rows strongest_feature_<variant>, of {', '.join(VARIANTS)}")
     ap.add_argument("--rerun", action="store_true", help="recompute reports even where a stored run matches")
     ap.add_argument("--tag", default="", help="suffix of the results file (bench/results/backdoor<tag>.json)")

@@ -366,38 +366,119 @@ def initial_sets(n: int, k: int, restarts: int, rng: np.random.Generator) -> np.
     return init
 
 
-def strongest_feature_scores(a: np.ndarray, sizes: list[int] | None = None, restarts: int = 20,
-                             swaps: int = 100, max_passes: int = 100, seed: int = 0,
-                             size_exponent: float = 0.5, fast: bool = True, on_size=None,
-                             score: str = "membership", labels: np.ndarray | None = None) -> np.ndarray:
-    """Per-example detector score (higher = more likely part of the strongest feature).
+SEARCHES = ("global", "per_label", "both")
 
-    ``score="membership"``: the paper's aggregation, sum over sizes of k^-e times the share of
-    restarts whose solution holds the example.  ``score="support"``: each example's support from
-    those solutions within its label (:func:`same_label_support` of the membership; needs
-    ``labels``): continuous where membership saturates, so the poisons the search leaves out at
-    small sizes, or that lie in a group found by few restarts, still score by how strongly the
-    found poisons support them.
-    """
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if score == "support" and (labels is None or len(labels) != len(a)):
-        raise ValueError("score='support' needs one label per example")
+
+def search_membership(a: np.ndarray, sizes: list[int] | None = None, restarts: int = 20, swaps: int = 100,
+                      max_passes: int = 100, rng: np.random.Generator | None = None, size_exponent: float = 0.5,
+                      fast: bool = True, on_size=None) -> np.ndarray:
+    """The paper's aggregation over one matrix: m_i = sum over sizes k of k^-e times the share of
+    the restarts' solutions that hold i (sizes above n are skipped; None: :func:`default_sizes`)."""
     b, r = prepare(a)
     n = len(b)
     sizes = [k for k in (sizes or default_sizes(n)) if 0 < k < n]
     if not sizes:
         raise ValueError(f"no valid subset size for n={n}")
-    rng = np.random.default_rng(seed)
+    rng = rng if rng is not None else np.random.default_rng(0)
     member = np.zeros(n)
     search = search_fast if fast else search_reference
     for i, k in enumerate(sizes):
-        d = -(k / n) * r
-        sols = search(b, d, initial_sets(n, k, restarts, rng), swaps, max_passes)
+        sols = search(b, -(k / n) * r, initial_sets(n, k, restarts, rng), swaps, max_passes)
         member += sols.mean(0) * float(k) ** -size_exponent
         if on_size:
             on_size(i, len(sizes), k)
-    return member if score == "membership" else same_label_support(b, member, labels)
+    return member
+
+
+def strongest_feature_membership(a: np.ndarray, sizes: list[int] | None = None, restarts: int = 20,
+                                 swaps: int = 100, max_passes: int = 100, seed: int = 0,
+                                 size_exponent: float = 0.5, fast: bool = True, on_size=None,
+                                 search: str = "global", labels: np.ndarray | None = None,
+                                 parts: bool = False):
+    """Membership of every example in the strongest features found by the local search.
+
+    ``search="global"``: the paper's search over the whole matrix.  ``"per_label"``: one search
+    per label block (sizes from :func:`default_sizes` of the block unless given), each label's
+    membership scaled to sum to 1, then the whole to 1: every label's strongest feature is found,
+    not only the strongest of all (an all-to-all attack plants one group per label;
+    docs/decisions.md).  ``"both"``: the two, each scaled to sum to 1, added.  With ``parts=True``
+    the result is a dict of the parts ({"global": ..., "per_label": ...}, the ones searched; the
+    global part unscaled for ``search="global"``).
+    """
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
+    if search != "global" and (labels is None or len(labels) != len(a)):
+        raise ValueError(f"search={search!r} needs one label per example")
+    rng = np.random.default_rng(seed)
+    kw = dict(restarts=restarts, swaps=swaps, max_passes=max_passes, rng=rng, size_exponent=size_exponent,
+              fast=fast)
+    if search == "global":
+        g = search_membership(a, sizes, on_size=on_size, **kw)
+        return {"global": g} if parts else g
+    labels = np.asarray(labels)
+    a = np.asarray(a, np.float64)
+    out = {}
+    member = np.zeros(len(a))
+    classes = np.unique(labels)
+    for step, c in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 3:                 # nothing to search: a group needs two members and an outsider
+            continue
+        m = search_membership(a[np.ix_(idx, idx)], sizes if sizes is None else [k for k in sizes if k < len(idx)]
+                              or None, **kw)
+        member[idx] = m / m.sum() if m.sum() > 0 else m
+        if on_size:
+            on_size(step, len(classes) + (search == "both"), f"label {c.item() if hasattr(c, 'item') else c}")
+    out["per_label"] = member / max(member.sum(), 1e-300)
+    if search == "both":
+        g = search_membership(a, sizes, **kw)
+        out["global"] = g / max(g.sum(), 1e-300)
+        if on_size:
+            on_size(len(classes), len(classes) + 1, "all labels")
+    return out if parts else sum(out.values())
+
+
+def strongest_feature_scores(a: np.ndarray, sizes: list[int] | None = None, restarts: int = 20,
+                             swaps: int = 100, max_passes: int = 100, seed: int = 0,
+                             size_exponent: float = 0.5, fast: bool = True, on_size=None,
+                             score: str = "membership", labels: np.ndarray | None = None,
+                             search: str = "global") -> np.ndarray:
+    """Per-example detector score (higher = more likely part of the strongest feature).
+
+    ``score="membership"``: the paper's aggregation (:func:`strongest_feature_membership`).
+    ``score="support"``: each example's support from those solutions within its label
+    (:func:`same_label_support` of the membership; needs ``labels``): continuous where membership
+    saturates, so the poisons the search leaves out at small sizes, or that lie in a group found
+    by few restarts, still score by how strongly the found poisons support them.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if score == "support" and (labels is None or len(labels) != len(a)):
+        raise ValueError("score='support' needs one label per example")
+    member = strongest_feature_membership(a, sizes, restarts, swaps, max_passes, seed, size_exponent, fast,
+                                          on_size, search, labels)
+    if score == "membership":
+        return member
+    b, _ = prepare(a)
+    return same_label_support(b, member, labels)
+
+
+def null_support(rows: np.ndarray, row_labels: np.ndarray, weights: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The support score of examples outside the matrix: s_t = sum over j of t's label of
+    2 rows[t, j] w_j, with rows[t, j] their kernel with the training examples (for a symmetric
+    kernel B = A + Aᵀ = 2A, so a training example gets the same number from :func:`same_label_support`).
+    Used with the clean test split's rows as the null of the support score."""
+    rows = np.asarray(rows, np.float64)
+    row_labels, labels = np.asarray(row_labels), np.asarray(labels)
+    w = np.asarray(weights, np.float64)
+    if rows.shape != (len(row_labels), len(labels)):
+        raise ValueError(f"null rows must be {len(row_labels)} x {len(labels)}, got {rows.shape}")
+    out = np.zeros(len(row_labels))
+    for c in np.unique(row_labels):
+        it = np.flatnonzero(row_labels == c)
+        ij = np.flatnonzero(labels == c)
+        out[it] = 2.0 * (rows[np.ix_(it, ij)] @ w[ij])
+    return out
 
 
 def auto_flag(scores: np.ndarray, min_separation: float = 4.5) -> np.ndarray:

@@ -206,3 +206,78 @@ def label_mean_effects_reference(phis, mus, lam_rel: float) -> tuple[np.ndarray,
         r = r + kern[: len(phi), len(phi):]
         b = b + kern[len(phi):, len(phi):]
     return r / len(phis), b / len(phis)
+
+
+def clean_whitened_kernel(members, labels: np.ndarray, test_labels: np.ndarray, lam_rel: float,
+                          rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Train x train and test x train kernels of the gradient features, whitened by the clean split.
+
+    ``members`` yields, per ensemble member m, (Φ_m [n x k] training features, Φ'_m [t x k] test
+    features).  With μ_m,c the mean test feature of label c, every feature centred at its label's
+    test mean (ψ_i = φ_i − μ_{y_i}), C_m = (n/t) Σ_s ψ'_s ψ'_sᵀ the test split's within-label
+    covariance scaled to n examples and W_m = (C_m + λI)^{-1}, λ = lam_rel · tr(C_m)/k:
+
+        A[i, j] = mean_m ψ_i W_m ψ_j     (n x n, diagonal zero)
+        T[s, j] = mean_m ψ'_s W_m ψ_j    (t x n)
+
+    TRAK's kernel whitens by the *training* features, poisons included, so a direction many
+    poisons share is scaled down by their own variance; whitened by the clean split instead, a
+    direction that clean examples do not vary along (a trigger) stands out (docs/decisions.md).
+    Every label needs at least one test example.  Memory: A and T, plus one member's features;
+    A is accumulated ``rows`` rows at a time (no second n x n temporary).
+    """
+    labels = np.asarray(labels)
+    test_labels = np.asarray(test_labels)
+    classes = np.unique(labels)
+    missing = sorted(set(classes.tolist()) - set(np.unique(test_labels).tolist()))
+    if missing:
+        raise ValueError(f"labels {missing} have no test example to centre and whiten at")
+    y = np.searchsorted(classes, labels)
+    yt = np.searchsorted(classes, test_labels)
+    if not np.array_equal(classes[np.minimum(yt, len(classes) - 1)], test_labels):
+        raise ValueError("the test split has labels the training split does not")
+    onehot = (yt[None, :] == np.arange(len(classes))[:, None]).astype(np.float64)
+    means = onehot / onehot.sum(1, keepdims=True)                       # C x t
+    n, t = len(labels), len(test_labels)
+    a = np.zeros((n, n))
+    tk = np.zeros((t, n))
+    count = 0
+    for phi, phi_t in members:
+        phi_t = np.asarray(phi_t, np.float64)
+        if len(phi) != n or len(phi_t) != t:
+            raise ValueError(f"member {count}: features for {len(phi)} training and {len(phi_t)} test examples, "
+                             f"labels for {n} and {t}")
+        mu = means @ phi_t                                              # C x k
+        pt = phi_t - mu[yt]
+        cov = pt.T @ pt * (n / t)
+        k = cov.shape[0]
+        w = np.linalg.solve(cov + lam_rel * np.trace(cov) / k * np.eye(k), np.eye(k))
+        p = np.asarray(phi, np.float64) - mu[y]
+        pw = p @ w
+        for i0 in range(0, n, rows):
+            a[i0:i0 + rows] += pw[i0:i0 + rows] @ p.T
+        tk += (pt @ w) @ p.T
+        count += 1
+    if not count:
+        raise ValueError("no ensemble member was given")
+    a /= count
+    tk /= count
+    np.fill_diagonal(a, 0.0)
+    return a, tk
+
+
+def clean_whitened_kernel_reference(phis, tests, labels, test_labels, lam_rel: float):
+    """Same, written out: explicit means, covariance and inverse, one pair of examples at a time."""
+    labels, test_labels = list(labels), list(test_labels)
+    n, t = len(labels), len(test_labels)
+    a, tk = np.zeros((n, n)), np.zeros((t, n))
+    for phi, phi_t in zip(phis, tests):
+        phi, phi_t = np.asarray(phi, np.float64), np.asarray(phi_t, np.float64)
+        mu = {c: phi_t[[s for s in range(t) if test_labels[s] == c]].mean(0) for c in set(labels)}
+        pt = np.array([phi_t[s] - mu[test_labels[s]] for s in range(t)])
+        p = np.array([phi[i] - mu[labels[i]] for i in range(n)])
+        cov = sum(np.outer(v, v) for v in pt) * n / t
+        w = np.linalg.inv(cov + lam_rel * np.trace(cov) / len(cov) * np.eye(len(cov)))
+        a += np.array([[0.0 if i == j else p[i] @ w @ p[j] for j in range(n)] for i in range(n)])
+        tk += np.array([[pt[s] @ w @ p[j] for j in range(n)] for s in range(t)])
+    return a / len(phis), tk / len(phis)

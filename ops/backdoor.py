@@ -3,6 +3,8 @@ against poison_truth, a model retrained without each method's flagged set, and a
 without exactly the true poisons (the reference a filter can at best reach)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Callable
 
@@ -22,14 +24,41 @@ Log = Callable[[str], None]
 METRICS = ("precision", "recall", "recall_at_budget", "recall_at_fpr01", "auroc")
 
 
+# bump when retraining changes what it returns for the same spec and mask, so stored results are redone
+RETRAIN_VERSION = 1
+
+
+def retrain_key(spec: Spec, store: ArtifactStore, exp: str, drop: np.ndarray) -> str:
+    """What a retraining result depends on: the spec but its detector section and name (data, attack,
+    model, recipe, seed), the training set's identity (its ids) and the dropped examples."""
+    h = hashlib.sha256()
+    body = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("detector", "name")}
+    h.update(json.dumps({**body, "retrain_version": RETRAIN_VERSION}, sort_keys=True).encode())
+    h.update(store.require(exp, "training_set", "meta.json").read_bytes())
+    h.update(np.packbits(np.asarray(drop, bool)).tobytes())
+    h.update(str(len(drop)).encode())
+    return h.hexdigest()[:20]
+
+
 def retrain_without(spec: Spec, inp: Inputs, drop: np.ndarray, target) -> tuple[float, float | None]:
-    """Clean accuracy and attack success of one model trained on the examples not in ``drop``."""
+    """Clean accuracy and attack success of one model trained on the examples not in ``drop``.
+
+    The result is stored under ``backdoor_report/retrain/`` keyed by :func:`retrain_key`, so a report
+    rerun with other detector settings retrains only the methods whose flagged sets changed (the
+    same spec, seed and mask train the same model)."""
+    name = f"retrain/{retrain_key(spec, inp.store, inp.exp, drop)}.json"
+    if inp.store.path(inp.exp, REPORT, name).exists():
+        got = inp.store.load_json(inp.exp, REPORT, name)
+        return float(got["accuracy"]), got["attack_success_rate"]
     make_model, _, _, data = inp.models
     keep = np.flatnonzero(~drop)
     params = train_stacked(make_model, data.x, data.y, [keep], [model_seed(spec, 10**6)], recipe_of(spec))
     ev = evaluate(make_model, params, data, target, spec.training.tta_flip)
     asr = float(ev["asr"][0])
-    return float(ev["accuracy"][0]), None if np.isnan(asr) else asr
+    out = float(ev["accuracy"][0]), None if np.isnan(asr) else asr
+    inp.store.save_json(inp.exp, REPORT, name, {"accuracy": out[0], "attack_success_rate": out[1],
+                                                "dropped": int(np.asarray(drop, bool).sum())})
+    return out
 
 
 def top_grid(images: np.ndarray, order: np.ndarray, truth: np.ndarray | None, count: int = 32,

@@ -1,10 +1,12 @@
 """The detector registry: every poison detector the backdoor report runs.
 
-A detector reads the stored artifacts through ``Inputs`` (the train x train influence matrix,
-the penultimate features of the model trained on all data, the labels) and returns a
-``Detection``: a score per training example (higher = more suspicious), the examples it flags,
-and the rule that chose them.  None is told the poison count unless the spec's
-``detector.flag_count`` says so (then every method flags that many).  Register a new one with
+A detector reads the stored artifacts through ``Inputs`` (the train x train influence matrix and,
+for the default preparation, the clean test examples' rows of it; the penultimate features of the
+model trained on all data; the labels) and returns a ``Detection``: a score per training example
+(higher = more suspicious), the examples it flags, and the rule that chose them.  None is told the
+poison count unless the spec's ``detector.flag_count`` says so (then every method flags that many).
+The strongest-feature detector flags the upper group of an Otsu split of its scores and, where it
+has the test rows, every training example scoring above every clean test example.  Register a new one with
 ``@register("name")``; the report, the warehouse and the bench iterate over ``DETECTORS`` and
 never name a method.
 """
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 
 from kernels.baselines import activation_clustering, spectre_scores
-from kernels.local_search import auto_flag, influence_matrix, strongest_feature_scores
-from kernels.trak import label_mean_effects
+from kernels.local_search import (auto_flag, influence_matrix, null_support, prepare, same_label_support,
+                                  strongest_feature_membership)
+from kernels.trak import clean_whitened_kernel, label_mean_effects
 from kernels.spectral import spectral_scores
 from kernels.train import unstack
 from ops.spec import Spec
@@ -73,41 +76,63 @@ class Inputs:
                 out.append(model.embed(data.x[i:i + 2048]).float().cpu().numpy())
         return np.concatenate(out)
 
-    @cached_property
+    @property
     def influence(self) -> np.ndarray:
-        """The train x train matrix the strongest-feature search runs on (kernels.local_search).
+        """The train x train matrix the strongest-feature search runs on."""
+        return self.prepared[0]
 
-        ``divide_q_test_center`` centres every label at the mean gradient feature of its test
-        examples; when some label has fewer than ``detector.min_reference`` of them, the whole
-        matrix falls back to ``divide_q_double_center`` (each label centred at its own training
-        examples), and the log says so."""
+    @property
+    def test_rows(self) -> np.ndarray | None:
+        """The clean test examples' rows of the same kernel (test x train), where the preparation has
+        them (``clean_whiten``); None otherwise."""
+        return self.prepared[1]
+
+    @cached_property
+    def test_labels(self) -> np.ndarray:
+        return np.asarray(self.store.load_npy(self.exp, "training_set", "test_labels.npy"))
+
+    @cached_property
+    def prepared(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(train x train matrix, test x train rows or None); see ``detector.prepare`` in ops/spec.py.
+
+        ``clean_whiten`` (the default) and ``divide_q_test_center`` centre every label at the mean
+        gradient feature of its test examples; when some label has fewer than
+        ``detector.min_reference`` of them, the whole matrix falls back to
+        ``divide_q_double_center`` (each label centred at its own training examples), and the log
+        says so."""
         d = self.spec.detector
         if d.input == "datamodels":            # no Q to divide out: the divide_q_* preparations only centre
             from ops.attribution import datamodels_train_x_train
 
             a = datamodels_train_x_train(self.spec, self.store, self.exp, self.log)
-            return influence_matrix(a, np.ones(self.n), self.labels, d.prepare)
-        tau = self.store.load_npy(self.exp, "attribution_scores", "train_x_train.npy")
-        q = self.store.load_npy(self.exp, "attribution_scores", "q_mean.npy")
-        how, references = d.prepare, None
-        if how == "divide_q_test_center":
-            test_labels = np.asarray(self.store.load_npy(self.exp, "training_set", "test_labels.npy"))
+            return influence_matrix(a, np.ones(self.n), self.labels, d.prepare), None
+        how = d.prepare
+        if how in ("divide_q_test_center", "clean_whiten"):
             classes = np.unique(self.labels)
-            onehot = (test_labels[None, :] == classes[:, None]).astype(np.float64)     # C x t
-            counts = onehot.sum(1)
+            counts = (self.test_labels[None, :] == classes[:, None]).sum(1)
             if counts.min() < d.min_reference:
                 short = [c.item() for c, k in zip(classes, counts) if k < d.min_reference]
                 self.log(f"strongest_feature: labels {short} have fewer than {d.min_reference} test examples "
                          f"(detector.min_reference); every label is centred at its training mean instead "
                          f"(divide_q_double_center)")
                 how = "divide_q_double_center"
-            else:
-                means = onehot / counts[:, None]
-                train = self.store.load_npy(self.exp, "gradient_features", "train.npy")
-                test = self.store.load_npy(self.exp, "gradient_features", "test.npy")
-                members = ((train[m], means @ np.asarray(test[m], np.float64)) for m in range(len(train)))
-                references = label_mean_effects(members, self.spec.trak.lam)
-        return influence_matrix(tau, q, self.labels, how, references)
+        if how == "clean_whiten":
+            train = self.store.load_npy(self.exp, "gradient_features", "train.npy")
+            test = self.store.load_npy(self.exp, "gradient_features", "test.npy")
+            return clean_whitened_kernel(((train[m], test[m]) for m in range(len(train))), self.labels,
+                                         self.test_labels, self.spec.trak.lam)
+        tau = self.store.load_npy(self.exp, "attribution_scores", "train_x_train.npy")
+        q = self.store.load_npy(self.exp, "attribution_scores", "q_mean.npy")
+        references = None
+        if how == "divide_q_test_center":
+            classes = np.unique(self.labels)
+            onehot = (self.test_labels[None, :] == classes[:, None]).astype(np.float64)     # C x t
+            means = onehot / onehot.sum(1)[:, None]
+            train = self.store.load_npy(self.exp, "gradient_features", "train.npy")
+            test = self.store.load_npy(self.exp, "gradient_features", "test.npy")
+            members = ((train[m], means @ np.asarray(test[m], np.float64)) for m in range(len(train)))
+            references = label_mean_effects(members, self.spec.trak.lam)
+        return influence_matrix(tau, q, self.labels, how, references), None
 
 
 DETECTORS: dict[str, Callable[[Inputs], Detection]] = {}
@@ -131,15 +156,37 @@ def _flag_by_rule(spec: Spec, scores: np.ndarray) -> tuple[np.ndarray, str]:
 
 @register("strongest_feature")
 def strongest_feature(inp: Inputs) -> Detection:
+    """Scores: within-label support from the search's membership (or the membership itself).
+    Flags: the upper group of an Otsu split of the scores and, with the clean test rows
+    (``clean_whiten``, ``detector.test_null``), every example whose support from the per-label
+    search (the global one for ``search: global``) is above every clean test example's support
+    from the same sets (docs/decisions.md: the per-label part holds each label's group, so its null
+    holds for the weak groups of an all-to-all attack too)."""
     d = inp.spec.detector
-    a = inp.influence
+    a, rows = inp.prepared
     t0 = time.perf_counter()
-    scores = strongest_feature_scores(
+    parts = strongest_feature_membership(
         a, sizes=d.sizes, restarts=d.restarts, swaps=d.swaps, max_passes=d.max_passes, seed=inp.spec.seed,
-        size_exponent=d.size_exponent, score=d.score, labels=inp.labels,
-        on_size=lambda i, k, size: inp.log(f"local search: size {size} ({i + 1}/{k}, "
-                                           f"{time.perf_counter() - t0:.1f}s)"))
+        size_exponent=d.size_exponent, search=d.search, labels=inp.labels, parts=True,
+        on_size=lambda i, k, size: inp.log(f"local search: {'size ' if isinstance(size, int) else ''}{size} "
+                                           f"({i + 1}/{k}, {time.perf_counter() - t0:.1f}s)"))
+    member = sum(parts.values())
+    if d.score == "membership":
+        flags, rule = _flag_by_rule(inp.spec, member)
+        return Detection(member, flags, rule)
+    b, _ = prepare(a)
+    scores = same_label_support(b, member, inp.labels)
     flags, rule = _flag_by_rule(inp.spec, scores)
+    if d.flag_count is None and d.test_null and rows is not None:
+        part = "per_label" if "per_label" in parts else "global"
+        s_part = same_label_support(b, parts[part], inp.labels)
+        null = null_support(rows, inp.test_labels, parts[part], inp.labels)
+        above = s_part > null.max()
+        inp.log(f"strongest_feature: {int(flags.sum())} flagged by the Otsu split, {int(above.sum())} whose support "
+                f"from the {part.replace('_', '-')} search is above all {len(null)} clean test examples' "
+                f"(max {null.max():.4g}); {int((flags | above).sum())} in all")
+        flags |= above
+        rule += f"; or support from the {part.replace('_', '-')} search above every clean test example's"
     return Detection(scores, flags, rule)
 
 

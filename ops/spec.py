@@ -200,12 +200,19 @@ class DetectorSpec(_Section):
     # the train x train matrix the search runs on: TRAK's, or datamodels fitted to every subset model's
     # margins on the training examples (the paper's input; needs many models, e.g. the demo's 576)
     input: Literal["trak", "datamodels"] = "trak"
-    # the matrix the search runs on (kernels.local_search.influence_matrix); the default centres every
-    # label at its clean test examples' mean, which assumes the test split is not poisoned
-    prepare: Literal["paper", "divide_q_center", "divide_q_double_center", "divide_q_test_center", "row_scale",
-                     "row_scale_center"] = "divide_q_test_center"
+    # the matrix the search runs on: the default (clean_whiten) is the kernel of TRAK's gradient features
+    # centred at every label's clean test mean and whitened by the test split's covariance
+    # (kernels.trak.clean_whitened_kernel); the others prepare TRAK's scores
+    # (kernels.local_search.influence_matrix).  clean_whiten and divide_q_test_center assume the test
+    # split is not poisoned
+    prepare: Literal["clean_whiten", "paper", "divide_q_center", "divide_q_double_center", "divide_q_test_center",
+                     "row_scale", "row_scale_center"] = "clean_whiten"
     min_reference: int = Field(10, gt=0)  # a label with fewer test examples is centred at its training mean
     score: Literal["membership", "support"] = "support"   # per-example score (kernels.local_search)
+    # where the local search runs: over the whole matrix (the paper), in every label's block, or both
+    search: Literal["global", "per_label", "both"] = "both"
+    # also flag every training example scoring above every clean test example (clean_whiten only)
+    test_null: bool = True
     sizes: Optional[list[int]] = None    # None: 10, 20, 40, ... up to n/2
     restarts: int = Field(200, gt=0)
     swaps: int = Field(100, gt=0)
@@ -225,8 +232,8 @@ class DetectorSpec(_Section):
 
     @model_validator(mode="after")
     def _input_prepare(self):
-        if self.input == "datamodels" and self.prepare == "divide_q_test_center":
-            raise ValueError("prepare: divide_q_test_center needs TRAK's gradient features; with input: datamodels "
+        if self.input == "datamodels" and self.prepare in ("divide_q_test_center", "clean_whiten"):
+            raise ValueError(f"prepare: {self.prepare} needs TRAK's gradient features; with input: datamodels "
                              "use divide_q_double_center, divide_q_center or paper")
         return self
 

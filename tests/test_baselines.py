@@ -111,11 +111,14 @@ def test_double_centring_removes_a_label_mean_and_keeps_a_planted_set():
 
 
 def test_spec_preparations_match_the_kernel():
+    """detector.prepare and detector.search accept exactly what the kernels implement (clean_whiten is
+    built from the gradient features by kernels.trak, the others from TRAK's scores)."""
     import typing
 
-    from kernels.local_search import PREPARATIONS
+    from kernels.local_search import PREPARATIONS, SEARCHES
     from ops.spec import DetectorSpec
-    assert set(typing.get_args(DetectorSpec.model_fields["prepare"].annotation)) == set(PREPARATIONS)
+    assert set(typing.get_args(DetectorSpec.model_fields["prepare"].annotation)) == {*PREPARATIONS, "clean_whiten"}
+    assert set(typing.get_args(DetectorSpec.model_fields["search"].annotation)) == set(SEARCHES)
 
 
 def test_every_spec_method_is_registered():
@@ -126,10 +129,11 @@ def test_every_spec_method_is_registered():
     assert set(DETECTORS) == set(DETECTOR_METHODS)
 
 
-def test_detector_centres_at_test_examples_through_the_real_stages(tmp_path):
-    """Digits with a BadNets patch, through the real stages: the default preparation centres every
-    label at its test examples' mean (gradient features of the stored models) and finds the poisons;
-    with too few test examples per label it falls back to double centring, and says so."""
+def test_detector_centres_at_test_examples_through_the_real_stages(tmp_path, monkeypatch):
+    """Digits with a BadNets patch, through the real stages: the default preparation (centred at each
+    label's test mean, whitened by the test split) and the test-centred TRAK matrix both find the
+    poisons, the default flags them with the test null beside the Otsu split; with too few test
+    examples per label both fall back to double centring, and say so."""
     import torch
 
     from kernels.stats import detection_metrics
@@ -162,17 +166,44 @@ def test_detector_centres_at_test_examples_through_the_real_stages(tmp_path):
         det = DETECTORS["strongest_feature"](Inputs(s, store, exp, dev, messages.append, labels))
         return det, messages
 
-    tc, msgs = detect()
-    assert spec.detector.prepare == "divide_q_test_center" and not any("fewer than" in m for m in msgs)
+    cw, msgs = detect()
+    assert spec.detector.prepare == "clean_whiten" and not any("fewer than" in m for m in msgs)
+    m = detection_metrics(cw.scores, cw.flags, truth)
+    assert m["auroc"] > 0.95 and m["recall"] > 0.8 and m["precision"] > 0.5, m
+    assert any("above all 200 clean test examples" in x for x in msgs)      # the test null ran
+    tc, msgs = detect(prepare="divide_q_test_center")
     assert detection_metrics(tc.scores, tc.flags, truth)["auroc"] > 0.95
-    fallback, msgs = detect(min_reference=50)             # 20 test images per label: too few
-    assert any("fewer than 50 test examples" in m for m in msgs)
-    dc, _ = detect(prepare="divide_q_double_center")
-    np.testing.assert_array_equal(fallback.scores, dc.scores)
-    assert not np.array_equal(tc.scores, dc.scores)
+    assert not any("clean test examples" in x for x in msgs)               # no test rows: Otsu only
+    for prepare in ("clean_whiten", "divide_q_test_center"):
+        fallback, msgs = detect(prepare=prepare, min_reference=50)          # 20 test images per label: too few
+        assert any("fewer than 50 test examples" in x for x in msgs)
+        dc, _ = detect(prepare="divide_q_double_center")
+        np.testing.assert_array_equal(fallback.scores, dc.scores)
+    assert not np.array_equal(tc.scores, dc.scores) and not np.array_equal(cw.scores, tc.scores)
     dm, msgs = detect(input="datamodels", prepare="divide_q_double_center")   # the paper's input, 26 models
     assert dm.scores.shape == (400,) and np.isfinite(dm.scores).all()
     assert any("datamodels (train x train): path step" in m for m in msgs)
+
+    # retraining without a flagged set is stored by (spec, training set, mask): the same mask is not
+    # retrained, a different mask or another recipe is
+    from ops import backdoor as B
+
+    inp = Inputs(spec, store, exp, dev, log.append, labels)
+    first = B.retrain_without(spec, inp, truth, 0)
+    assert first[1] is not None and first[1] < 0.5 and len(list(store.path(exp, B.REPORT, "retrain").glob("*.json"))) == 1
+    trained = []
+    real = B.train_stacked
+    monkeypatch.setattr(B, "train_stacked", lambda *a, **k: trained.append(1) or real(*a, **k))
+    assert B.retrain_without(spec, inp, truth, 0) == first and not trained
+    other = truth.copy()
+    other[np.flatnonzero(~truth)[0]] = True
+    B.retrain_without(spec, inp, other, 0)
+    assert len(trained) == 1
+    longer = parse_spec({**spec.model_dump(mode="json"), "training": {**spec.training.model_dump(mode="json"),
+                                                                      "epochs": 11}})
+    assert B.retrain_key(longer, store, exp, truth) != B.retrain_key(spec, store, exp, truth)
+    assert B.retrain_key(spec, store, exp, truth) == B.retrain_key(
+        parse_spec({**spec.model_dump(mode="json"), "detector": {"restarts": 3}}), store, exp, truth)
 
 
 def test_datamodels_train_x_train_regresses_each_examples_margin_on_the_masks(tmp_path):

@@ -182,3 +182,79 @@ def test_support_score_keeps_groups_that_oppose_each_other():
         strongest_feature_scores(a, sizes=[10], restarts=2, score="support")
     with pytest.raises(ValueError, match="unknown score"):
         strongest_feature_scores(a, sizes=[10], restarts=2, score="loudest")
+
+
+def _planted_all_to_all(seed=4, n=600, strengths=(2.0, 1.0, 0.6)):
+    """Three labels, each with its own planted group of 20 at a different strength."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    a = rng.standard_normal((n, n)) * 0.5
+    a = (a + a.T) / 2
+    truth = np.zeros(n, bool)
+    for c, w in enumerate(strengths):
+        g = np.flatnonzero(labels == c)[:20]
+        a[np.ix_(g, g)] += w
+        truth[g] = True
+    np.fill_diagonal(a, 0)
+    return a, labels, truth
+
+
+def test_per_label_search_finds_every_labels_group_where_the_global_search_finds_the_strongest():
+    from kernels.local_search import strongest_feature_membership
+
+    a, labels, truth = _planted_all_to_all()
+    weak = truth & (labels == 2)
+    glob = strongest_feature_membership(a, sizes=[10, 20], restarts=16, seed=0)
+    per = strongest_feature_membership(a, sizes=[10, 20], restarts=16, seed=0, search="per_label", labels=labels)
+    both = strongest_feature_membership(a, sizes=[10, 20], restarts=16, seed=0, search="both", labels=labels)
+    assert glob[weak].sum() < 0.05 * glob.sum()          # the global search spends itself on the strong group
+    for c in range(3):                                    # every label's group holds most of its label's mass
+        g = truth & (labels == c)
+        assert per[g].sum() > 0.6 * per[labels == c].sum()
+    assert np.isclose(per.sum(), 1) and np.isclose(both.sum(), 2)
+    parts = strongest_feature_membership(a, sizes=[10, 20], restarts=16, seed=0, search="both", labels=labels,
+                                         parts=True)
+    np.testing.assert_allclose(parts["per_label"], per)       # the per-label search runs first, same draws
+    np.testing.assert_allclose(parts["per_label"] + parts["global"], both)
+    assert _auroc(both, truth) > 0.95
+    with pytest.raises(ValueError, match="needs one label per example"):
+        strongest_feature_membership(a, sizes=[10], restarts=2, search="per_label")
+    with pytest.raises(ValueError, match="unknown search"):
+        strongest_feature_membership(a, sizes=[10], restarts=2, search="sideways", labels=labels)
+
+
+def test_global_membership_is_the_papers_aggregation_unchanged():
+    """search='global' reproduces the search loop written out: same seeds, same solutions."""
+    from kernels.local_search import strongest_feature_membership
+
+    a, _, _ = _planted_all_to_all(seed=1, n=120)
+    b, r = prepare(a)
+    rng = np.random.default_rng(7)
+    want = np.zeros(len(a))
+    for k in (10, 20):
+        sols = search_reference(b, -(k / len(a)) * r, initial_sets(len(a), k, 6, rng), 100, 100)
+        want += sols.mean(0) * k ** -0.5
+    got = strongest_feature_membership(a, sizes=[10, 20], restarts=6, seed=7)
+    np.testing.assert_allclose(got, want)
+
+
+def test_null_support_gives_an_example_the_score_it_would_get_inside_the_matrix():
+    """A test example identical (in the kernel) to a training example gets that example's support."""
+    from kernels.local_search import null_support, same_label_support
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((30, 5))
+    labels = np.arange(30) % 3
+    a = x @ x.T
+    np.fill_diagonal(a, 0)
+    w = rng.random(30)
+    w[4] = 0.0                                            # the example itself carries no weight
+    rows = (x[[4]] @ x.T)
+    rows[0, 4] = 0.0
+    b, _ = prepare(a)
+    got = null_support(rows, labels[[4]], w, labels)
+    np.testing.assert_allclose(got, same_label_support(b, w, labels)[[4]])
+    ref = [2 * sum(rows[0, j] * w[j] for j in range(30) if labels[j] == labels[4])]
+    np.testing.assert_allclose(got, ref)
+    with pytest.raises(ValueError, match="null rows must be 1 x 30"):
+        null_support(rows[:, :5], labels[[4]], w, labels)

@@ -35,6 +35,9 @@ def test_demo_spec_is_valid():
     ({"model": {"arch": "torchvision.resnet81"}}, "model.arch", "did you mean resnet18"),
     ({"detector": {"input": "datamodels", "prepare": "divide_q_test_center"}}, "detector.prepare",
      "needs TRAK's gradient features"),
+    ({"detector": {"input": "datamodels", "prepare": "clean_whiten"}}, "detector.prepare",
+     "needs TRAK's gradient features"),
+    ({"detector": {"search": "everywhere"}}, "detector.search", "per_label"),
 ])
 def test_bad_specs_are_refused_naming_the_key(tmp_path, body, key, words):
     p = _write(tmp_path, "bad", body)
@@ -86,4 +89,4 @@ def test_digest_changes_with_content():
 def test_datamodels_input_defaults_to_double_centring():
     spec = parse_spec({"name": "x", "detector": {"input": "datamodels"}})
     assert spec.detector.prepare == "divide_q_double_center"
-    assert parse_spec({"name": "x"}).detector.prepare == "divide_q_test_center"
+    assert parse_spec({"name": "x"}).detector.prepare == "clean_whiten"

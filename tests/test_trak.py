@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from kernels.models import build_model
@@ -97,3 +98,49 @@ def test_label_mean_effects_match_the_written_out_kernel():
     qs = [np.ones(50)] * 3
     kern = trak_scores_reference(phis, phis, qs, 0.05).astype(np.float64)
     np.testing.assert_allclose(r2, kern @ w.T, rtol=1e-4, atol=1e-6)
+
+
+def test_clean_whitened_kernel_matches_the_written_out_kernel():
+    from kernels.trak import clean_whitened_kernel, clean_whitened_kernel_reference
+
+    rng = np.random.default_rng(5)
+    labels, test_labels = rng.integers(0, 3, 14), np.array([0, 1, 2, 0, 1, 2, 0, 2, 1])
+    phis = [rng.standard_normal((14, 4)) for _ in range(3)]
+    tests = [rng.standard_normal((9, 4)) for _ in range(3)]
+    for rows in (3, 2048):                          # row blocks and one block give the same matrix
+        a, t = clean_whitened_kernel(zip(phis, tests), labels, test_labels, 0.05, rows=rows)
+        a_ref, t_ref = clean_whitened_kernel_reference(phis, tests, labels, test_labels, 0.05)
+        np.testing.assert_allclose(a, a_ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(t, t_ref, rtol=1e-9, atol=1e-12)
+    assert np.allclose(a, a.T) and not np.diag(a).any()
+    with pytest.raises(ValueError, match=r"labels \[2\] have no test example"):
+        clean_whitened_kernel(zip(phis, tests), labels, np.where(test_labels == 2, 0, test_labels), 0.05)
+    with pytest.raises(ValueError, match="member 0"):
+        clean_whitened_kernel(zip([p[:5] for p in phis], tests), labels, test_labels, 0.05)
+
+
+def test_whitening_by_the_clean_split_lifts_a_direction_clean_data_does_not_vary_along():
+    """Poisons (a quarter of the training set) share an offset along a direction in which clean
+    features barely vary.  TRAK's kernel whitens by the training features, poisons included, so it
+    scales that direction down by the poisons' own variance; whitened by the clean split it is not,
+    and the poison pairs stand out from the clean pairs many times more."""
+    from kernels.trak import clean_whitened_kernel, kernel_inverse
+
+    rng = np.random.default_rng(0)
+    n, t, k = 400, 300, 8
+    scale = np.array([1.0] * (k - 1) + [0.1])      # last direction: quiet in clean data
+    phi = rng.standard_normal((n, k)) * scale
+    phi_t = rng.standard_normal((t, k)) * scale
+    poison = np.zeros(n, bool)
+    poison[:100] = True
+    phi[poison, -1] += 2.0
+    labels, test_labels = np.zeros(n, int), np.zeros(t, int)
+    off = ~np.eye(100, dtype=bool)
+
+    def contrast(a):
+        return a[np.ix_(poison, poison)][off].mean() / np.abs(a[np.ix_(~poison, ~poison)]).mean()
+
+    a, _ = clean_whitened_kernel([(phi, phi_t)], labels, test_labels, 0.001)
+    centred = phi - phi_t.mean(0)
+    trak = centred @ kernel_inverse(phi, 0.001) @ centred.T
+    assert contrast(a) > 10 * contrast(trak) and contrast(a) > 50
