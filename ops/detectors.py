@@ -158,10 +158,11 @@ def _flag_by_rule(spec: Spec, scores: np.ndarray) -> tuple[np.ndarray, str]:
 def strongest_feature(inp: Inputs) -> Detection:
     """Scores: within-label support from the search's membership (or the membership itself).
     Flags: the upper group of an Otsu split of the scores and, with the clean test rows
-    (``clean_whiten``, ``detector.test_null``), every example whose support from the per-label
-    search (the global one for ``search: global``) is above every clean test example's support
-    from the same sets (docs/decisions.md: the per-label part holds each label's group, so its null
-    holds for the weak groups of an all-to-all attack too)."""
+    (``clean_whiten``, ``detector.test_null``), every example whose support from either search
+    (per-label, global) is above every clean test example's support from the same search's sets
+    (docs/decisions.md: the per-label part holds each label's group, so its null reaches the weak
+    groups of an all-to-all attack; the global part's null reaches the rest of a clean-label
+    attack's poisons)."""
     d = inp.spec.detector
     a, rows = inp.prepared
     t0 = time.perf_counter()
@@ -178,15 +179,16 @@ def strongest_feature(inp: Inputs) -> Detection:
     scores = same_label_support(b, member, inp.labels)
     flags, rule = _flag_by_rule(inp.spec, scores)
     if d.flag_count is None and d.test_null and rows is not None:
-        part = "per_label" if "per_label" in parts else "global"
-        s_part = same_label_support(b, parts[part], inp.labels)
-        null = null_support(rows, inp.test_labels, parts[part], inp.labels)
-        above = s_part > null.max()
-        inp.log(f"strongest_feature: {int(flags.sum())} flagged by the Otsu split, {int(above.sum())} whose support "
-                f"from the {part.replace('_', '-')} search is above all {len(null)} clean test examples' "
-                f"(max {null.max():.4g}); {int((flags | above).sum())} in all")
-        flags |= above
-        rule += f"; or support from the {part.replace('_', '-')} search above every clean test example's"
+        said = [f"{int(flags.sum())} flagged by the Otsu split"]
+        for part, m in parts.items():
+            s_part = scores if len(parts) == 1 else same_label_support(b, m, inp.labels)
+            null = null_support(rows, inp.test_labels, m, inp.labels)
+            above = s_part > null.max()
+            said.append(f"{int(above.sum())} whose support from the {part.replace('_', '-')} search is above all "
+                        f"{len(null)} clean test examples' (max {null.max():.4g})")
+            flags |= above
+        inp.log(f"strongest_feature: {', '.join(said)}; {int(flags.sum())} in all")
+        rule += "; or support from a search (each one's own) above every clean test example's"
     return Detection(scores, flags, rule)
 
 
