@@ -81,12 +81,6 @@ class Inputs:
         """The train x train matrix the strongest-feature search runs on."""
         return self.prepared[0]
 
-    @property
-    def test_rows(self) -> np.ndarray | None:
-        """The clean test examples' rows of the same kernel (test x train), where the preparation has
-        them (``clean_whiten``); None otherwise."""
-        return self.prepared[1]
-
     @cached_property
     def test_labels(self) -> np.ndarray:
         return np.asarray(self.store.load_npy(self.exp, "training_set", "test_labels.npy"))
