@@ -30,12 +30,14 @@ def gradient_features(context: AssetExecutionContext, experiments: ExperimentsRe
                                    description="TRAK score matrices hold no NaN or inf.")],
        code_version="1")
 def attribution_scores(context: AssetExecutionContext, experiments: ExperimentsResource,
-                       store: ArtifactStoreResource):
-    """TRAK scores: targets x train and train x train, an ensemble over checkpoints."""
+                       store: ArtifactStoreResource, compute: ComputeResource):
+    """TRAK scores: targets x train and train x train, an ensemble over checkpoints, computed tile by
+    tile on the compute device; with the finalized training features new targets are scored against."""
     from ops import attribution
 
     key = context.partition_key
-    summary = attribution.attribution_scores(experiments.load(key), store.get(), key, context.log.info)
+    summary = attribution.attribution_scores(experiments.load(key), store.get(), key, context.log.info,
+                                             compute.torch_device())
     yield MaterializeResult(metadata=metadata(summary, {"path": store.get().path(key, attribution.SCORES)}))
     yield AssetCheckResult(check_name="scores_finite", passed=summary["finite"], severity=AssetCheckSeverity.ERROR)
 

@@ -26,6 +26,7 @@ trained on threads (kernels/train.py) run them in parallel.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -181,8 +182,24 @@ def _autocast_bf16() -> bool | None:
     return True if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
 
 
+_FUSED = [True]
+
+
+@contextmanager
+def unfused():
+    """Within the block, ``conv3x3_relu_maxpool2d`` always calls the Conv2d module (never the fused
+    kernel, which bypasses it): for code that hooks the modules (kernels/projectors.py reads each
+    Conv2d's input and output gradient)."""
+    old = _FUSED[0]
+    _FUSED[0] = False
+    try:
+        yield
+    finally:
+        _FUSED[0] = old
+
+
 def fast_path_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    return (not torch._C._are_functorch_transforms_active() and x.device.type == "cpu"
+    return (_FUSED[0] and not torch._C._are_functorch_transforms_active() and x.device.type == "cpu"
             and x.dtype == torch.float32 and not x.requires_grad and x.ndim == 4
             and 1 <= x.shape[1] <= MAX_IN_CHANNELS and x.shape[2] >= 2 and x.shape[3] >= 2
             and x.is_contiguous(memory_format=torch.channels_last)

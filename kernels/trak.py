@@ -1,12 +1,13 @@
-"""TRAK: per-example gradients of the margin, random projection, and the score estimator.
+"""TRAK: per-example gradients of the margin, the kernel inverse and the score estimator.
 
     phi_m(z)  = P_m^T grad_theta f(z; theta_m)                    (projected gradient, k dims)
     Phi_m     = [phi_m(x_1); ...; phi_m(x_n)]                      (n x k, training examples)
     Q_m       = diag(1 - p_m(y_i | x_i))                            (out-to-loss term)
     tau(z)    = (1/M sum_m Q_m) (1/M sum_m Phi_m (Phi_m^T Phi_m + lam I)^{-1} phi_m(z))
 
-(shared/reference/trak.md §1-2.)  Each function has a plain reference version used by the
-tests.  The kernel inverse is always computed in float64: fp16/fp32 XᵀX is too ill-conditioned
+(shared/reference/trak.md §1-2.)  The projections φ are in kernels/projectors.py; the scores are
+computed out of core by ``finalize_member`` and ``score_tiles`` (written out literally in
+``trak_scores_reference``).  Each function has a plain reference version used by the tests.  The kernel inverse is always computed in float64: fp16/fp32 XᵀX is too ill-conditioned
 at these sizes (reference notes, "measured pitfalls").
 """
 from __future__ import annotations
@@ -76,32 +77,6 @@ def out_to_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tens
     return torch.sigmoid(-margin(logits, y))
 
 
-# ---------------------------------------------------------------- random projection
-
-
-def _projection_block(rows: int, k: int, seed: int, block: int, device) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + block)
-    signs = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8)
-    return (signs.to(device=device, dtype=torch.float32) * 2 - 1) / np.sqrt(k)
-
-
-def project(grads: torch.Tensor, k: int, seed: int, block_rows: int = 8192) -> torch.Tensor:
-    """grads [N, P] @ P [P, k] with Rademacher entries ±1/sqrt(k), generated block by block
-    (block b of rows seeded by (seed, b)), so the P x k matrix never exists in memory."""
-    n, p = grads.shape
-    out = torch.zeros(n, k, dtype=torch.float32, device=grads.device)
-    for b, start in enumerate(range(0, p, block_rows)):
-        stop = min(p, start + block_rows)
-        out += grads[:, start:stop].float() @ _projection_block(stop - start, k, seed, b, grads.device)
-    return out
-
-
-def projection_matrix_reference(p: int, k: int, seed: int, block_rows: int = 8192) -> torch.Tensor:
-    """The whole P x k matrix that ``project`` applies (for tests and small models)."""
-    return torch.cat([_projection_block(min(p, s + block_rows) - s, k, seed, b, "cpu")
-                      for b, s in enumerate(range(0, p, block_rows))])
-
-
 # ---------------------------------------------------------------- scores
 
 
@@ -112,37 +87,6 @@ def kernel_inverse(phi: np.ndarray, lam_rel: float) -> np.ndarray:
     k = xtx.shape[0]
     lam = lam_rel * np.trace(xtx) / k
     return np.linalg.solve(xtx + lam * np.eye(k), np.eye(k))
-
-
-class TrakAccumulator:
-    """Streams checkpoints in: add(Phi_m, targets_m, Q_m) per model, then scores().
-
-    Memory is O(n * T) for the running score sum, whatever the number of models.
-    """
-
-    def __init__(self, lam_rel: float):
-        self.lam_rel = lam_rel
-        self.sum_scores: np.ndarray | None = None
-        self.sum_q: np.ndarray | None = None
-        self.count = 0
-
-    def add(self, phi_train: np.ndarray, phi_targets: np.ndarray, q: np.ndarray) -> None:
-        kinv = kernel_inverse(phi_train, self.lam_rel)
-        feats = np.asarray(phi_train, np.float64) @ kinv              # n x k
-        s = feats @ np.asarray(phi_targets, np.float64).T             # n x T
-        if self.sum_scores is None:
-            self.sum_scores = np.zeros_like(s)
-            self.sum_q = np.zeros(len(q), np.float64)
-        self.sum_scores += s
-        self.sum_q += np.asarray(q, np.float64)
-        self.count += 1
-
-    def scores(self) -> np.ndarray:
-        """τ as a (targets x train) float32 matrix."""
-        if not self.count:
-            raise ValueError("no checkpoint was added")
-        tau = (self.sum_scores / self.count) * (self.sum_q / self.count)[:, None]
-        return np.ascontiguousarray(tau.T, dtype=np.float32)
 
 
 def trak_scores_reference(phis: list[np.ndarray], targets: list[np.ndarray], qs: list[np.ndarray],
@@ -157,13 +101,6 @@ def trak_scores_reference(phis: list[np.ndarray], targets: list[np.ndarray], qs:
         lam = lam_rel * np.trace(xtx) / xtx.shape[0]
         total = total + phi @ np.linalg.inv(xtx + lam * np.eye(xtx.shape[0])) @ np.asarray(tgt, np.float64).T
     return ((total / m) * q_mean[:, None]).T.astype(np.float32)
-
-
-def featurize(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-              k: int, seed: int, chunk: int = 1024) -> torch.Tensor:
-    """Projected margin gradients [N, k], computed chunk by chunk (never holds N x P)."""
-    return torch.cat([project(per_example_grads(model, params, x[i:i + chunk], y[i:i + chunk]), k, seed)
-                      for i in range(0, len(x), chunk)])
 
 
 def label_mean_effects(members, lam_rel: float) -> tuple[np.ndarray, np.ndarray]:
@@ -281,3 +218,58 @@ def clean_whitened_kernel_reference(phis, tests, labels, test_labels, lam_rel: f
         a += np.array([[0.0 if i == j else p[i] @ w @ p[j] for j in range(n)] for i in range(n)])
         tk += np.array([[pt[s] @ w @ p[j] for j in range(n)] for s in range(t)])
     return a / len(phis), tk / len(phis)
+
+
+# ---------------------------------------------------------------- out-of-core scoring
+#
+# At the papers' scale (n = 50,000, k = 2,048, 10,000 targets, tens of checkpoints) nothing below
+# holds more than a block: features are read by row blocks from .npy files (kernels/npyio.py),
+# XᵀX and its inverse are float64 k x k, and scores are computed tile by tile on the compute
+# device in float32 and written to a .npy file.
+
+
+def finalize_member(phi, member: int, lam_rel: float, out, device, rows: int = 8192) -> float:
+    """Training features of one checkpoint, Φ (rows of ``phi[member]``, a kernels.npyio.NpyFile of
+    shape [M, n, k]), turned into TRAK's F = Φ (ΦᵀΦ + λI)^{-1} (written to ``out[member]``, float32).
+    ΦᵀΦ and the inverse are float64; λ = lam_rel · tr(ΦᵀΦ)/k.  Returns λ."""
+    device = torch.device(device)
+    f64 = torch.float64 if device.type != "mps" else torch.float32
+    n, k = phi.shape[1], phi.shape[2]
+    xtx = torch.zeros(k, k, dtype=f64, device=device)
+    for i in range(0, n, rows):
+        b = torch.from_numpy(phi.rows(member, i, i + rows)).to(device, f64)
+        xtx += b.T @ b
+    lam = lam_rel * float(torch.trace(xtx)) / k
+    kinv = torch.linalg.solve(xtx + lam * torch.eye(k, dtype=f64, device=device),
+                              torch.eye(k, dtype=f64, device=device))
+    for i in range(0, n, rows):
+        b = torch.from_numpy(phi.rows(member, i, i + rows)).to(device, f64)
+        out.write_rows(member, i, (b @ kinv).float().cpu().numpy())
+    return lam
+
+
+def score_tiles(targets, features, q_mean: np.ndarray, out, device, memory_bytes: float,
+                members: list[int] | None = None, on_block=None) -> None:
+    """τ = (1/M Σ_m X_m F_mᵀ) ⊙ q̄ (targets x train, float32) tile by tile.
+
+    ``targets`` [M, t, k] target features and ``features`` [M, n, k] finalized training features
+    (:func:`finalize_member`) are NpyFiles; ``out`` is an NpyFile [t, n].  A block of target rows
+    is accumulated over every member on ``device`` (bt x n float32 within half the budget; the
+    training features stream through in column blocks), multiplied by q̄ and written."""
+    device = torch.device(device)
+    m_all = list(range(features.shape[0])) if members is None else list(members)
+    t, n, k = targets.shape[1], features.shape[1], features.shape[2]
+    bt = int(max(1, min(t, memory_bytes / 2 / (4 * n + 4 * k))))
+    bn = int(max(1, min(n, memory_bytes / 4 / (4 * k + 4 * bt))))
+    q = torch.from_numpy(np.asarray(q_mean, np.float32) / len(m_all)).to(device)
+    for t0 in range(0, t, bt):
+        acc = torch.zeros(min(bt, t - t0), n, dtype=torch.float32, device=device)
+        for m in m_all:
+            x = torch.from_numpy(targets.rows(m, t0, t0 + bt)).to(device, torch.float32)
+            for j0 in range(0, n, bn):
+                f = torch.from_numpy(features.rows(m, j0, j0 + bn)).to(device, torch.float32)
+                acc[:, j0:j0 + bn] += x @ f.T
+        acc *= q
+        out.write(t0, acc.cpu().numpy())
+        if on_block is not None:
+            on_block(min(t, t0 + bt), t)

@@ -11,12 +11,13 @@ import torch
 
 from kernels.lasso import fit_datamodels
 from kernels.stats import lds
-from kernels.trak import TrakAccumulator, featurize, out_to_loss
-from kernels.train import unstack
+from kernels.npyio import NpyFile
+from kernels.projectors import batched_out_to_loss, make_projector
+from kernels.trak import finalize_member, score_tiles
 from ops.data import MASKS
 from ops.spec import Spec
-from ops.store import ArtifactStore
-from ops.training import Data, load_models, load_snapshot
+from ops.store import ArtifactError, ArtifactStore
+from ops.training import Data, load_member, model_factory
 
 FEAT, SCORES, DM, LDS = "gradient_features", "attribution_scores", "datamodel_weights", "lds_evaluation"
 Log = Callable[[str], None]
@@ -25,69 +26,118 @@ Log = Callable[[str], None]
 def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.device, log: Log) -> dict:
     """Projected margin gradients of train and test examples, and Q, for the first M models: their
     final checkpoints, then (``trak.checkpoint_epochs``) the same models after earlier epochs.
-    Every checkpoint is one member of TRAK's ensemble, with its own projection."""
-    make_model, params, meta = load_models(spec, store, exp)
+    Every checkpoint is one member of TRAK's ensemble, with its own projection (``trak.projector``).
+    Memory: one checkpoint's parameters, per-example work in chunks sized from ``trak.memory_gb``,
+    features written to the .npy files block by block."""
+    make_model, meta = model_factory(spec, store, exp)
     data = Data(store, exp, device, norm=json.loads(meta["norm"]))
     model = make_model().to(device)
     k, n_models = spec.trak.proj_dim, spec.trak.num_models
-    stacks = [("final", params)] + [(f"epoch {e}", load_snapshot(spec, store, exp, e))
-                                    for e in spec.trak.checkpoint_epochs]
-    members = [(stack, i) for _, stack in stacks for i in range(n_models)]
+    sets = [("final", None)] + [(f"epoch {e}", e) for e in spec.trak.checkpoint_epochs]
+    members = [(epoch, i) for _, epoch in sets for i in range(n_models)]
     m = len(members)
     n, t = len(data.y), len(data.yt)
+    budget = spec.trak.memory_gb * 2**30
     t0 = time.perf_counter()
     finite = True
-    with store.open_npy(exp, FEAT, "train.npy", (m, n, k), np.float32) as train, \
-            store.open_npy(exp, FEAT, "test.npy", (m, t, k), np.float32) as test, \
-            store.open_npy(exp, FEAT, "out_to_loss.npy", (m, n), np.float32) as q:
-        for i, (stack, j) in enumerate(members):
-            p = {kk: v.to(device) for kk, v in unstack(stack, j).items()}
-            seed = spec.seed * 100_003 + i
-            train[i] = featurize(model, p, data.x, data.y, k, seed).cpu().numpy()
-            test[i] = featurize(model, p, data.xt, data.yt, k, seed).cpu().numpy()
-            q[i] = out_to_loss(model, p, data.x, data.y).cpu().numpy()
-            finite &= bool(np.isfinite(train[i]).all() and np.isfinite(test[i]).all() and np.isfinite(q[i]).all())
-            if (i + 1) % max(1, m // 8) == 0 or i + 1 == m:
-                log(f"featurized {i + 1}/{m} checkpoints ({time.perf_counter() - t0:.1f}s)")
-    n_params = sum(v[0].numel() for v in params.values())
-    return {"checkpoints": m, "models": n_models, "checkpoint_sets": [name for name, _ in stacks],
-            "proj_dim": k, "train_examples": n, "test_examples": t,
-            "parameters": n_params, "finite": finite, "seconds": round(time.perf_counter() - t0, 1)}
+    chunk = None
+    with store.atomic(exp, FEAT, "train.npy") as p_train, store.atomic(exp, FEAT, "test.npy") as p_test, \
+            store.atomic(exp, FEAT, "out_to_loss.npy") as p_q:
+        with NpyFile.create(p_train, (m, n, k), np.float32) as train, NpyFile.create(p_test, (m, t, k), np.float32) \
+                as test, NpyFile.create(p_q, (m, n), np.float32) as q:
+            for i, (epoch, j) in enumerate(members):
+                p = {kk: v.to(device) for kk, v in load_member(spec, store, exp, j, epoch).items()}
+                proj = make_projector(spec.trak.projector, model, p, k, spec.seed * 100_003 + i, budget, device)
+                chunk = proj.chunk(data.x)
+                for out, x, y in ((train, data.x, data.y), (test, data.xt, data.yt)):
+                    for r in range(0, len(x), chunk):
+                        f = proj(x[r:r + chunk], y[r:r + chunk]).cpu().numpy()
+                        finite &= bool(np.isfinite(f).all())
+                        out.write_rows(i, r, f)
+                qi = batched_out_to_loss(model, p, data.x, data.y, batch=max(chunk, 256)).cpu().numpy()
+                finite &= bool(np.isfinite(qi).all())
+                q.write(i, qi[None])
+                if (i + 1) % max(1, m // 8) == 0 or i + 1 == m:
+                    log(f"featurized {i + 1}/{m} checkpoints ({time.perf_counter() - t0:.1f}s, "
+                        f"{(i + 1) * (n + t) / (time.perf_counter() - t0):.0f} examples/s)")
+    seconds = time.perf_counter() - t0
+    return {"checkpoints": m, "models": n_models, "checkpoint_sets": [name for name, _ in sets],
+            "projector": spec.trak.projector, "proj_dim": k, "train_examples": n, "test_examples": t,
+            "chunk": chunk, "parameters": sum(v.numel() for v in model.parameters()), "finite": finite,
+            "seconds": round(seconds, 1), "examples_per_second": round(m * (n + t) / max(seconds, 1e-9), 1)}
 
 
-def _top_k(scores: np.ndarray, k: int, exp: str, method: str, target_ids, train_ids) -> pd.DataFrame:
-    """Top-k most supporting training examples per target (scores: targets x train)."""
+def _top_k(scores: np.ndarray, k: int, exp: str, method: str, target_ids, train_ids, offset: int = 0) -> pd.DataFrame:
+    """Top-k most supporting training examples per target (scores: targets x train; its rows are
+    targets offset, offset+1, ...)."""
     k = min(k, scores.shape[1])
     idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     vals = np.take_along_axis(scores, idx, 1)
     order = np.argsort(-vals, axis=1, kind="stable")
     idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
     t = scores.shape[0]
-    target_index = np.repeat(np.arange(t), k)
+    target_index = np.repeat(np.arange(offset, offset + t), k)
     return pd.DataFrame({"experiment": exp, "method": method, "target_index": target_index,
                          "target_id": np.asarray(target_ids)[target_index], "rank": np.tile(np.arange(1, k + 1), t),
                          "train_index": idx.ravel(), "train_id": np.asarray(train_ids)[idx.ravel()],
                          "score": vals.ravel().astype(np.float64)})
 
 
-def attribution_scores(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
-    train = store.load_npy(exp, FEAT, "train.npy")
-    test = store.load_npy(exp, FEAT, "test.npy")
-    q = store.load_npy(exp, FEAT, "out_to_loss.npy")
-    acc_test, acc_train = TrakAccumulator(spec.trak.lam), TrakAccumulator(spec.trak.lam)
-    for i in range(len(train)):
-        acc_test.add(train[i], test[i], q[i])
-        acc_train.add(train[i], train[i], q[i])
-    scores_test, scores_train = acc_test.scores(), acc_train.scores()
-    store.save_npy(exp, SCORES, "test_x_train.npy", scores_test)
-    store.save_npy(exp, SCORES, "train_x_train.npy", scores_train)
-    store.save_npy(exp, SCORES, "q_mean.npy", np.asarray(q, np.float64).mean(0))
+def score_targets(spec: Spec, store: ArtifactStore, exp: str, targets: NpyFile, out_path, device,
+                  log: Log = lambda _: None) -> tuple[int, int]:
+    """TRAK scores of target features ``targets`` ([M, t, k], one block per checkpoint, from the same
+    projections as the training features) against the stored training features, written to
+    ``out_path`` as a [t, n] float32 .npy; nothing about the training set is recomputed.  The test
+    split, the training set itself (train x train for the detector) and new examples all go
+    through here.  Returns (t, n)."""
+    with NpyFile(store.require(exp, SCORES, "train_features.npy")) as feats:
+        if targets.shape[0] != feats.shape[0] or targets.shape[2] != feats.shape[2]:
+            raise ArtifactError(f"{targets.path}: target features of shape {targets.shape} do not match the stored "
+                                f"training features {feats.shape} (checkpoints x examples x k)")
+        q = np.asarray(store.load_npy(exp, SCORES, "q_mean.npy"), np.float64)
+        t0 = time.perf_counter()
+        with NpyFile.create(out_path, (targets.shape[1], feats.shape[1]), np.float32) as out:
+            score_tiles(targets, feats, q, out, device, spec.trak.memory_gb * 2**30,
+                        on_block=lambda i, t: log(f"scored {i}/{t} targets ({time.perf_counter() - t0:.1f}s)"))
+        return targets.shape[1], feats.shape[1]
+
+
+def attribution_scores(spec: Spec, store: ArtifactStore, exp: str, log: Log, device=None) -> dict:
+    """Finalized training features F_m = Φ_m(Φ_mᵀΦ_m + λI)^{-1} and mean Q (what new targets are
+    scored against), then test x train and train x train scores, block by block."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    with NpyFile(store.require(exp, FEAT, "train.npy")) as train:
+        m, n, k = train.shape
+        with store.atomic(exp, SCORES, "train_features.npy") as tmp:
+            with NpyFile.create(tmp, (m, n, k), np.float32) as out:
+                for i in range(m):
+                    finalize_member(train, i, spec.trak.lam, out, device)
+        with NpyFile(store.require(exp, FEAT, "out_to_loss.npy")) as qf:
+            q = np.zeros(n)
+            for i in range(m):
+                q += qf.read(i, i + 1)[0]
+        store.save_npy(exp, SCORES, "q_mean.npy", q / m)
+        log(f"finalized {m} checkpoints' training features")
+        with NpyFile(store.require(exp, FEAT, "test.npy")) as test, \
+                store.atomic(exp, SCORES, "test_x_train.npy") as tmp:
+            t, _ = score_targets(spec, store, exp, test, tmp, device, log)
+        with store.atomic(exp, SCORES, "train_x_train.npy") as tmp:
+            score_targets(spec, store, exp, train, tmp, device, log)
     meta = store.load_json(exp, "training_set", "meta.json")
-    store.save_table(exp, SCORES, "top_attributions.parquet",
-                     _top_k(scores_test, spec.trak.top_k, exp, "trak", meta["test_ids"], meta["train_ids"]))
-    finite = bool(np.isfinite(scores_test).all() and np.isfinite(scores_train).all())
-    return {"targets": scores_test.shape[0], "train": scores_test.shape[1], "checkpoints": len(train),
-            "finite": finite, "lambda_rel": spec.trak.lam}
+    finite = True
+    tables = []
+    with NpyFile(store.require(exp, SCORES, "test_x_train.npy")) as s_test:
+        rows = max(1, int(spec.trak.memory_gb * 2**30 / 4 / (8 * n)))
+        for r in range(0, t, rows):
+            block = s_test.read(r, r + rows)
+            finite &= bool(np.isfinite(block).all())
+            tables.append(_top_k(block, spec.trak.top_k, exp, "trak", meta["test_ids"], meta["train_ids"], offset=r))
+    with NpyFile(store.require(exp, SCORES, "train_x_train.npy")) as s_train:
+        rows = max(1, int(spec.trak.memory_gb * 2**30 / 4 / (4 * n)))
+        for r in range(0, n, rows):
+            finite &= bool(np.isfinite(s_train.read(r, r + rows)).all())
+    store.save_table(exp, SCORES, "top_attributions.parquet", pd.concat(tables, ignore_index=True))
+    return {"targets": t, "train": n, "checkpoints": m, "finite": finite, "lambda_rel": spec.trak.lam}
 
 
 def _roles(store: ArtifactStore, exp: str):
@@ -153,15 +203,26 @@ def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> d
             "max_relative_gap": float(res.gap.max()), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _predict_blocks(path, masks: np.ndarray, memory_gb: float) -> np.ndarray:
+    """masks @ scoresᵀ (held-out models x targets) with the targets x train scores read by row blocks."""
+    with NpyFile(path) as f:
+        t, n = f.shape
+        out = np.empty((len(masks), t))
+        rows = max(1, int(memory_gb * 2**30 / 4 / (8 * n)))
+        for r in range(0, t, rows):
+            out[:, r:r + rows] = masks @ f.read(r, r + rows).astype(np.float64).T
+    return out
+
+
 def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
     masks, roles, margins = _roles(store, exp)
     held = np.flatnonzero(roles == "heldout")
     x = masks[held].astype(np.float64)
     actual = margins[held]
-    tau = np.asarray(store.load_npy(exp, SCORES, "test_x_train.npy"), np.float64)
     w = np.asarray(store.load_npy(exp, DM, "weight.npy"), np.float64)
     b = np.asarray(store.load_npy(exp, DM, "bias.npy"), np.float64)
-    preds = {"trak": x @ tau.T, "datamodels": x @ w + b}
+    preds = {"trak": _predict_blocks(store.require(exp, SCORES, "test_x_train.npy"), x, spec.trak.memory_gb),
+             "datamodels": x @ w + b}
     rows, per_target = [], []
     for method, pred in preds.items():
         value, half, rho = lds(pred, actual)

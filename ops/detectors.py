@@ -25,7 +25,6 @@ from kernels.local_search import (auto_flag, influence_matrix, null_support, pre
                                   strongest_feature_membership)
 from kernels.trak import clean_whitened_kernel, label_mean_effects
 from kernels.spectral import spectral_scores
-from kernels.train import unstack
 from ops.spec import Spec
 from ops.store import ArtifactStore
 
@@ -56,20 +55,21 @@ class Inputs:
 
     @cached_property
     def models(self):
-        """(make_model, stacked params, checkpoint metadata, Data) of the experiment's models."""
+        """(make_model, the model trained on all data (its parameters), checkpoint metadata, Data)."""
         import json
 
-        from ops.training import Data, load_models
+        from ops.training import Data, load_member, model_factory
 
-        make_model, params, meta = load_models(self.spec, self.store, self.exp)
-        return make_model, params, meta, Data(self.store, self.exp, self.device, norm=json.loads(meta["norm"]))
+        make_model, meta = model_factory(self.spec, self.store, self.exp)
+        full = load_member(self.spec, self.store, self.exp, int(meta["models"]) - 1)
+        return make_model, full, meta, Data(self.store, self.exp, self.device, norm=json.loads(meta["norm"]))
 
     @cached_property
     def features(self) -> np.ndarray:
         """Penultimate features of the model trained on all data, on every training example."""
-        make_model, params, meta, data = self.models
+        make_model, full, meta, data = self.models
         model = make_model().to(self.device).eval()
-        model.load_state_dict(unstack(params, int(meta["models"]) - 1))
+        model.load_state_dict(full)
         out = []
         with torch.no_grad():
             for i in range(0, len(data.x), 2048):

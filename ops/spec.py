@@ -176,6 +176,8 @@ class TrakSpec(_Section):
     top_k: int = Field(20, gt=0)        # attributions kept per target in the warehouse
     checkpoint_epochs: list[int] = []   # also featurize each model as it was after these epochs
                                         # (from training.save_epochs): more ensemble members per model
+    projector: Literal["dense", "factored"] = "dense"   # kernels/projectors.py
+    memory_gb: float = Field(2.0, gt=0)  # per-example work and score tiles are sized to fit this
 
 
 class DatamodelsSpec(_Section):

@@ -288,3 +288,43 @@ def load_models(spec: Spec, store: ArtifactStore, exp: str):
     if expected != got:
         raise ArtifactError(f"checkpoint parameters {got} do not match the model {expected}")
     return make_model, params, meta
+
+
+def model_factory(spec: Spec, store: ArtifactStore, exp: str):
+    """(make_model, metadata) of the stacked checkpoint, its tensors' shapes checked against the
+    model's without loading them; refuses checkpoints of another architecture."""
+    from safetensors import safe_open
+
+    path = store.require(exp, CKPT, "models.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if meta.get("arch") != spec.model.arch or int(meta.get("hidden", -1)) != spec.model.hidden:
+        raise ArtifactError(f"{path} holds {meta.get('arch')} (hidden={meta.get('hidden')}) models but the spec asks "
+                            f"for {spec.model.arch} (hidden={spec.model.hidden}): re-materialize checkpoints")
+    make_model = make_model_fn(spec, json.loads(meta["in_shape"]), int(meta["num_classes"]))
+    expected = {k: tuple(v.shape) for k, v in make_model().state_dict().items()}
+    got = {k: s[1:] for k, s in shapes.items()}
+    if expected != got:
+        raise ArtifactError(f"{path}: checkpoint parameters {got} do not match the model {expected}")
+    return make_model, meta
+
+
+def load_member(spec: Spec, store: ArtifactStore, exp: str, index: int, epoch: int | None = None) -> dict:
+    """One model's parameters and buffers out of the stacked checkpoint (or the snapshot after
+    ``epoch``), read without loading the other models."""
+    from safetensors import safe_open
+
+    name = "models.safetensors" if epoch is None else f"models-epoch{epoch}.safetensors"
+    if epoch is not None and not store.path(exp, CKPT, name).exists():
+        raise ArtifactError(f"{store.path(exp, CKPT, name)} is missing: training.save_epochs must include {epoch} "
+                            f"when the checkpoints are made; re-materialize checkpoints")
+    with safe_open(str(store.require(exp, CKPT, name)), framework="pt") as f:
+        out = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            if index >= sl.get_shape()[0]:
+                raise ArtifactError(f"{store.path(exp, CKPT, name)} holds {sl.get_shape()[0]} models; model {index} "
+                                    f"was asked for (trak.num_models larger than the models trained?)")
+            out[k] = sl[index]
+        return out

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from kernels.models import build_model
-from kernels.trak import (TrakAccumulator, per_example_grads, per_example_grads_reference, project,
-                          projection_matrix_reference, trak_scores_reference)
+from kernels.npyio import NpyFile
+from kernels.trak import finalize_member, per_example_grads, per_example_grads_reference, score_tiles, trak_scores_reference
 
 
 def test_per_example_grads_match_autograd_loop():
@@ -18,35 +18,41 @@ def test_per_example_grads_match_autograd_loop():
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_blockwise_projection_equals_full_matrix():
-    g = torch.randn(5, 300)
-    fast = project(g, 16, seed=3, block_rows=64)
-    full = projection_matrix_reference(300, 16, seed=3, block_rows=64)
-    torch.testing.assert_close(fast, g @ full, rtol=1e-5, atol=1e-5)
-    assert set(np.unique(full.numpy() * 4).round(6)) == {-1.0, 1.0}
-    assert not torch.equal(project(g, 16, seed=4, block_rows=64), fast)
+def _tiled_scores(tmp_path, phis, tgts, qs, lam, memory_bytes):
+    """finalize_member + score_tiles on .npy files, as the attribution stage runs them."""
+    m = len(phis)
+    train = NpyFile.create(tmp_path / "train.npy", (m, *phis[0].shape), np.float32)
+    targets = NpyFile.create(tmp_path / "targets.npy", (m, *tgts[0].shape), np.float32)
+    for i in range(m):
+        train.write_rows(i, 0, phis[i])
+        targets.write_rows(i, 0, tgts[i])
+    feats = NpyFile.create(tmp_path / "features.npy", train.shape, np.float32)
+    for i in range(m):
+        finalize_member(train, i, lam, feats, "cpu", rows=7)            # several row blocks
+    out = NpyFile.create(tmp_path / "scores.npy", (tgts[0].shape[0], phis[0].shape[0]), np.float32)
+    score_tiles(targets, feats, np.mean(qs, 0), out, "cpu", memory_bytes)
+    out.close()
+    return np.load(tmp_path / "scores.npy")
 
 
-def test_streaming_scores_equal_the_literal_estimator():
+@pytest.mark.parametrize("memory_bytes", [1e9, 3000])     # one tile; many tiles of target and training rows
+def test_tiled_scores_equal_the_literal_estimator(tmp_path, memory_bytes):
     rng = np.random.default_rng(0)
-    phis = [rng.standard_normal((40, 8)) for _ in range(3)]
-    tgts = [rng.standard_normal((5, 8)) for _ in range(3)]
+    phis = [rng.standard_normal((40, 8)).astype(np.float32) for _ in range(3)]
+    tgts = [rng.standard_normal((5, 8)).astype(np.float32) for _ in range(3)]
     qs = [rng.uniform(0, 1, 40) for _ in range(3)]
-    acc = TrakAccumulator(0.05)
-    for p, t, q in zip(phis, tgts, qs):
-        acc.add(p, t, q)
-    np.testing.assert_allclose(acc.scores(), trak_scores_reference(phis, tgts, qs, 0.05), rtol=1e-4, atol=1e-6)
-    assert acc.scores().shape == (5, 40)
+    got = _tiled_scores(tmp_path, phis, tgts, qs, 0.05, memory_bytes)
+    assert got.shape == (5, 40)
+    np.testing.assert_allclose(got, trak_scores_reference(phis, tgts, qs, 0.05), rtol=1e-4, atol=1e-5)
 
 
-def test_trak_recovers_linear_regression_influence():
+def test_trak_recovers_linear_regression_influence(tmp_path):
     """For a linear model, TRAK without projection is the leave-one-out direction of OLS."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((60, 4))
-    acc = TrakAccumulator(0.0)
-    acc.add(x, x[:1], np.ones(60))
-    tau = acc.scores()[0]
-    np.testing.assert_allclose(tau, x @ np.linalg.inv(x.T @ x) @ x[0], rtol=1e-5)
+    x = rng.standard_normal((60, 4)).astype(np.float32)
+    tau = _tiled_scores(tmp_path, [x], [x[:1]], [np.ones(60)], 0.0, 1e9)[0]
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(tau, x64 @ np.linalg.inv(x64.T @ x64) @ x64[0], rtol=1e-4, atol=1e-6)
 
 
 def test_per_example_grads_of_a_batchnorm_model_hold_statistics_fixed():
