@@ -1,5 +1,6 @@
 """The asset graph of provenance; every asset is partitioned by experiment."""
-from assets.attribution import attribution_scores, datamodel_weights, gradient_features, lds_evaluation
+from assets.attribution import (attribution_scores, baseline_attributions, datamodel_weights, gradient_features,
+                                lds_evaluation)
 from assets.backdoor import backdoor_report
 from assets.common import experiments_partitions
 from assets.data import loader_files, raw_dataset, subset_masks, training_set
@@ -8,7 +9,7 @@ from assets.training import checkpoints, models_above_chance
 from assets.warehouse import warehouse
 
 ALL_ASSETS = [raw_dataset, training_set, loader_files, subset_masks, checkpoints, gradient_features,
-              attribution_scores, datamodel_weights, lds_evaluation, backdoor_report, warehouse]
+              attribution_scores, baseline_attributions, datamodel_weights, lds_evaluation, backdoor_report, warehouse]
 ALL_CHECKS = [models_above_chance]
 
 __all__ = ["ALL_ASSETS", "ALL_CHECKS", "experiments_partitions", "lineage_job", "experiment_specs_sensor"]

@@ -1,7 +1,9 @@
 """Attribution: TRAK features and scores, datamodels, and their LDS."""
 
+import base64
+
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
-                     MaterializeResult, asset)
+                     MaterializeResult, MetadataValue, asset)
 
 from assets.common import experiments_partitions, metadata
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
@@ -54,20 +56,46 @@ def datamodel_weights(context: AssetExecutionContext, experiments: ExperimentsRe
     return MaterializeResult(metadata=metadata(summary, {"path": store.get().path(key, attribution.DM)}))
 
 
-@asset(deps=["attribution_scores", "datamodel_weights", "model_outputs"], partitions_def=experiments_partitions,
-       group_name=GROUP, kinds={"parquet"},
+@asset(deps=["gradient_features", "checkpoints"], partitions_def=experiments_partitions, group_name=GROUP,
+       kinds={"numpy"},
+       check_specs=[AssetCheckSpec("baseline_scores_finite", asset="baseline_attributions", blocking=True,
+                                   description="The baselines' score matrices hold no NaN or inf.")],
+       code_version="1")
+def baseline_attributions(context: AssetExecutionContext, experiments: ExperimentsResource,
+                          store: ArtifactStoreResource, compute: ComputeResource):
+    """The registered baselines beside TRAK (ops/methods): TracIn over the saved checkpoints, and
+    representation similarity; test x train scores and top attributions of each."""
+    from ops import attribution
+
+    key = context.partition_key
+    summary = attribution.baseline_attributions(experiments.load(key), store.get(), key, compute.torch_device(),
+                                                context.log.info)
+    yield MaterializeResult(metadata=metadata(summary, {"path": store.get().path(key, "baseline_attributions")}))
+    yield AssetCheckResult(check_name="baseline_scores_finite", passed=summary["finite"],
+                           severity=AssetCheckSeverity.ERROR)
+
+
+@asset(deps=["attribution_scores", "datamodel_weights", "baseline_attributions", "model_outputs"],
+       partitions_def=experiments_partitions, group_name=GROUP, kinds={"parquet"},
        check_specs=[AssetCheckSpec("enough_heldout_models", asset="lds_evaluation",
                                    description="LDS rests on at least lds.min_heldout held-out subsets.")],
-       code_version="1")
+       code_version="2")
 def lds_evaluation(context: AssetExecutionContext, experiments: ExperimentsResource,
                    store: ArtifactStoreResource):
-    """Linear datamodeling score of each attribution method on the held-out masks."""
+    """Linear datamodeling score of every registered attribution method on the held-out masks, with
+    bootstrap intervals, and LDS against the number of models (table and plot)."""
     from ops import attribution
 
     key = context.partition_key
     spec = experiments.load(key)
     summary = attribution.lds_evaluation(spec, store.get(), key, context.log.info)
-    yield MaterializeResult(metadata=metadata(summary, {"path": store.get().path(key, attribution.LDS)}))
+    curve = summary.pop("curve")
+    png = attribution.plot_lds_curve(curve, store.get().path(key, attribution.LDS, "lds_curve.png"))
+    md = metadata(summary, {"path": store.get().path(key, attribution.LDS)})
+    md["lds_curve"] = MetadataValue.md(curve.drop(columns=["experiment"]).to_markdown(index=False))
+    md["lds_curve_plot"] = MetadataValue.md(
+        f"![LDS against number of models](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    yield MaterializeResult(metadata=md)
     yield AssetCheckResult(check_name="enough_heldout_models", passed=summary["n_heldout"] >= spec.lds.min_heldout,
                            severity=AssetCheckSeverity.WARN,
                            metadata={"n_heldout": summary["n_heldout"], "min_heldout": spec.lds.min_heldout})

@@ -10,7 +10,7 @@ from resources import ArtifactStoreResource, ExperimentsResource
 
 
 @asset(deps=["training_set", "subset_masks", "checkpoints", "model_outputs", "attribution_scores",
-             "datamodel_weights", "lds_evaluation", "backdoor_report"],
+             "datamodel_weights", "baseline_attributions", "lds_evaluation", "backdoor_report"],
        partitions_def=experiments_partitions, group_name="warehouse", kinds={"duckdb"}, pool="duckdb",
        code_version="1")
 def warehouse(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,

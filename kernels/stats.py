@@ -32,6 +32,47 @@ def lds(pred: np.ndarray, actual: np.ndarray) -> tuple[float, float, np.ndarray]
     return float(rho.mean()), float(half), rho
 
 
+def lds_bootstrap(pred: np.ndarray, actual: np.ndarray, n_boot: int = 500, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float, float, np.ndarray]:
+    """LDS with a bootstrap interval over held-out models *and* targets.
+
+    Each replicate draws the held-out models (rows) and the targets (columns) with replacement and
+    takes the mean over the drawn targets of the Spearman rho across the drawn models, so the
+    interval carries both sources of variance (a normal interval over targets alone leaves out the
+    models').  Returns (LDS on all data, low, high, per-target rho); a target whose prediction or
+    margin is constant over the drawn models counts 0, as in ``lds``.
+    """
+    pred, actual = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
+    value, _, rho = lds(pred, actual)
+    h, t = actual.shape
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for b in range(n_boot):
+        im = rng.integers(0, h, h)
+        it = rng.integers(0, t, t)
+        r = np.nan_to_num(spearman_columns(pred[im], actual[im]), nan=0.0)
+        reps[b] = r[it].mean()
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return value, float(lo), float(hi), rho
+
+
+def lds_bootstrap_reference(pred, actual, n_boot: int = 500, seed: int = 0, level: float = 0.95):
+    """Same replicates, one scipy Spearman per drawn target."""
+    h, t = actual.shape
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        im = rng.integers(0, h, h)
+        it = rng.integers(0, t, t)
+        vals = []
+        for j in it:
+            a, b = pred[im, j], actual[im, j]
+            vals.append(0.0 if a.std() == 0 or b.std() == 0 else spearmanr(a, b).statistic)
+        reps.append(np.mean(vals))
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def recall_at_fpr(scores: np.ndarray, truth: np.ndarray, fpr: float = 0.01) -> float:
     """Share of the poisoned examples scored strictly above the clean examples' (1 - fpr) quantile:
     the recall of a threshold that flags at most ``fpr`` of the clean examples (ties count against)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -10,8 +11,8 @@ import pandas as pd
 import torch
 
 from kernels.lasso import fit_datamodels
-from kernels.stats import lds
 from kernels.npyio import NpyFile
+from kernels.stats import lds_bootstrap
 from kernels.projectors import batched_out_to_loss, make_projector
 from kernels.trak import finalize_member, score_tiles
 from ops.data import MASKS
@@ -102,6 +103,54 @@ def score_targets(spec: Spec, store: ArtifactStore, exp: str, targets: NpyFile, 
         return targets.shape[1], feats.shape[1]
 
 
+def rank_table(spec: Spec, store: ArtifactStore, exp: str, scores_path, method: str, asset: str, name: str) -> bool:
+    """The top ``trak.top_k`` training examples of every target of a [targets, train] score file,
+    read by row blocks, saved as the Parquet ``<asset>/<name>`` (warehouse ``attributions``).  Returns whether
+    every score was finite."""
+    meta = store.load_json(exp, "training_set", "meta.json")
+    finite, tables = True, []
+    with NpyFile(scores_path) as f:
+        t, n = f.shape
+        rows = max(1, int(spec.trak.memory_gb * 2**30 / 4 / (8 * n)))
+        for r in range(0, t, rows):
+            block = f.read(r, r + rows)
+            finite &= bool(np.isfinite(block).all())
+            tables.append(_top_k(block, spec.trak.top_k, exp, method, meta["test_ids"], meta["train_ids"], offset=r))
+    store.save_table(exp, asset, name, pd.concat(tables, ignore_index=True))
+    return finite
+
+
+def score_and_rank(ctx, method, targets: NpyFile, features_path, q: np.ndarray) -> dict:
+    """A feature-based method's test x train scores (``score_tiles`` of ``targets`` against the
+    training-side features at ``features_path``, times ``q``) and its top-attributions table, under
+    the method's asset folder (``<asset>/<method>/``)."""
+    spec, store, exp = ctx.spec, ctx.store, ctx.exp
+    t0 = time.perf_counter()
+    with NpyFile(features_path) as feats, store.atomic(exp, method.asset, f"{method.name}/test_x_train.npy") as tmp:
+        with NpyFile.create(tmp, (targets.shape[1], feats.shape[1]), np.float32) as out:
+            score_tiles(targets, feats, q, out, ctx.device, spec.trak.memory_gb * 2**30)
+        shape = (targets.shape[1], feats.shape[1])
+    finite = rank_table(spec, store, exp, store.require(exp, method.asset, f"{method.name}/test_x_train.npy"),
+                        method.name, method.asset, f"{method.name}/top_attributions.parquet")
+    ctx.log(f"{method.name}: scored {shape[0]} targets against {shape[1]} training examples "
+            f"({time.perf_counter() - t0:.1f}s)")
+    return {f"{method.name}_finite": finite, f"{method.name}_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def baseline_attributions(spec: Spec, store: ArtifactStore, exp: str, device, log: Log) -> dict:
+    """Every registered method computed by the baseline_attributions asset (TracIn, representation
+    similarity): their training-side features, test x train scores and top attributions."""
+    from ops.methods import METHODS, Context
+
+    ctx = Context(spec, store, exp, device, log)
+    out = {}
+    for name, method in METHODS.items():
+        if method.asset == "baseline_attributions":
+            out.update(method.fit(ctx))
+    out["finite"] = all(v for k, v in out.items() if k.endswith("_finite"))
+    return out
+
+
 def attribution_scores(spec: Spec, store: ArtifactStore, exp: str, log: Log, device=None) -> dict:
     """Finalized training features F_m = Φ_m(Φ_mᵀΦ_m + λI)^{-1} and mean Q (what new targets are
     scored against), then test x train and train x train scores, block by block."""
@@ -123,20 +172,12 @@ def attribution_scores(spec: Spec, store: ArtifactStore, exp: str, log: Log, dev
             t, _ = score_targets(spec, store, exp, test, tmp, device, log)
         with store.atomic(exp, SCORES, "train_x_train.npy") as tmp:
             score_targets(spec, store, exp, train, tmp, device, log)
-    meta = store.load_json(exp, "training_set", "meta.json")
-    finite = True
-    tables = []
-    with NpyFile(store.require(exp, SCORES, "test_x_train.npy")) as s_test:
-        rows = max(1, int(spec.trak.memory_gb * 2**30 / 4 / (8 * n)))
-        for r in range(0, t, rows):
-            block = s_test.read(r, r + rows)
-            finite &= bool(np.isfinite(block).all())
-            tables.append(_top_k(block, spec.trak.top_k, exp, "trak", meta["test_ids"], meta["train_ids"], offset=r))
+    finite = rank_table(spec, store, exp, store.require(exp, SCORES, "test_x_train.npy"), "trak", SCORES,
+                        "top_attributions.parquet")
     with NpyFile(store.require(exp, SCORES, "train_x_train.npy")) as s_train:
         rows = max(1, int(spec.trak.memory_gb * 2**30 / 4 / (4 * n)))
         for r in range(0, n, rows):
             finite &= bool(np.isfinite(s_train.read(r, r + rows)).all())
-    store.save_table(exp, SCORES, "top_attributions.parquet", pd.concat(tables, ignore_index=True))
     return {"targets": t, "train": n, "checkpoints": m, "finite": finite, "lambda_rel": spec.trak.lam}
 
 
@@ -215,23 +256,93 @@ def _predict_blocks(path, masks: np.ndarray, memory_gb: float) -> np.ndarray:
 
 
 def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
+    """LDS of every registered method (ops/methods) on the held-out models, with a bootstrap
+    interval over held-out models and targets; and LDS against the number of models for TRAK
+    (the first m ensemble members) and datamodels (refitted on the first m subset models)."""
+    from ops.methods import METHODS, Context
+
+    ctx = Context(spec, store, exp, "cpu", log)
     masks, roles, margins = _roles(store, exp)
     held = np.flatnonzero(roles == "heldout")
     x = masks[held].astype(np.float64)
     actual = margins[held]
-    w = np.asarray(store.load_npy(exp, DM, "weight.npy"), np.float64)
-    b = np.asarray(store.load_npy(exp, DM, "bias.npy"), np.float64)
-    preds = {"trak": _predict_blocks(store.require(exp, SCORES, "test_x_train.npy"), x, spec.trak.memory_gb),
-             "datamodels": x @ w + b}
     rows, per_target = [], []
-    for method, pred in preds.items():
-        value, half, rho = lds(pred, actual)
-        rows.append({"experiment": exp, "method": method, "lds": value, "ci95_low": value - half,
-                     "ci95_high": value + half, "n_heldout": len(held), "n_targets": actual.shape[1]})
-        per_target.append(pd.DataFrame({"experiment": exp, "method": method,
+    for name, method in METHODS.items():
+        value, low, high, rho = lds_bootstrap(method.predict(ctx, x), actual, n_boot=spec.lds.bootstrap,
+                                              seed=spec.seed)
+        rows.append({"experiment": exp, "method": name, "lds": value, "ci95_low": low, "ci95_high": high,
+                     "n_heldout": len(held), "n_targets": actual.shape[1]})
+        per_target.append(pd.DataFrame({"experiment": exp, "method": name,
                                         "target_index": np.arange(len(rho)), "spearman": rho}))
-        log(f"LDS {method}: {value:.3f} ± {half:.3f} over {actual.shape[1]} targets, {len(held)} held-out models")
-    table = pd.DataFrame(rows)
-    store.save_table(exp, LDS, "lds.parquet", table)
+        log(f"LDS {name}: {value:.3f} [{low:.3f}, {high:.3f}] over {actual.shape[1]} targets, "
+            f"{len(held)} held-out models")
+    curve = lds_curve(spec, store, exp, x, actual, log)
+    store.save_table(exp, LDS, "lds.parquet", pd.DataFrame(rows))
     store.save_table(exp, LDS, "lds_per_target.parquet", pd.concat(per_target, ignore_index=True))
-    return {"n_heldout": len(held), **{f"lds_{r['method']}": round(r["lds"], 4) for r in rows}}
+    store.save_table(exp, LDS, "lds_curve.parquet", curve)
+    return {"n_heldout": len(held), **{f"lds_{r['method']}": round(r["lds"], 4) for r in rows}, "curve": curve}
+
+
+def _curve_sizes(total: int) -> list[int]:
+    return sorted({m for m in (1, 2, 5, 10, 20, 50, 100, 200, 500) if m < total} | {total})
+
+
+def lds_curve(spec: Spec, store: ArtifactStore, exp: str, x: np.ndarray, actual: np.ndarray, log: Log) -> pd.DataFrame:
+    """LDS against the number of models: TRAK with its first m checkpoints (the stored features,
+    rescored), datamodels refitted on the first m of its fitting models (λ still chosen on its
+    validation models)."""
+    rows = []
+    with NpyFile(store.require(exp, FEAT, "test.npy")) as test, \
+            NpyFile(store.require(exp, SCORES, "train_features.npy")) as feats, \
+            NpyFile(store.require(exp, FEAT, "out_to_loss.npy")) as qf:
+        for m in _curve_sizes(feats.shape[0]):
+            q = np.mean([qf.read(i, i + 1)[0] for i in range(m)], 0)
+            with store.atomic(exp, LDS, "curve_scores.npy") as tmp:
+                with NpyFile.create(tmp, (test.shape[1], feats.shape[1]), np.float32) as out:
+                    score_tiles(test, feats, q, out, "cpu", spec.trak.memory_gb * 2**30, members=list(range(m)))
+                value, low, high, _ = lds_bootstrap(_predict_blocks(tmp, x, spec.trak.memory_gb), actual,
+                                                    n_boot=spec.lds.bootstrap, seed=spec.seed)
+            rows.append({"experiment": exp, "method": "trak", "num_models": m, "lds": value, "ci95_low": low,
+                         "ci95_high": high})
+    store.path(exp, LDS, "curve_scores.npy").unlink(missing_ok=True)
+    masks, roles, margins = _roles(store, exp)
+    fit, val = _fit_val(spec, np.flatnonzero(roles == "train"))
+    for m in _curve_sizes(len(fit)):
+        if m < 2:
+            continue
+        res = _fit(spec, masks, margins, fit[:m], val, lambda _: None, f"datamodels ({m} models)")
+        value, low, high, _ = lds_bootstrap(x @ res.weight + res.bias, actual, n_boot=spec.lds.bootstrap,
+                                            seed=spec.seed)
+        rows.append({"experiment": exp, "method": "datamodels", "num_models": m, "lds": value, "ci95_low": low,
+                     "ci95_high": high})
+    table = pd.DataFrame(rows)
+    for r in rows:
+        log(f"LDS {r['method']} with {r['num_models']} models: {r['lds']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]")
+    return table
+
+
+def plot_lds_curve(curve: pd.DataFrame, dest) -> "Path":
+    """LDS (with its bootstrap interval) against the number of models, one line per method, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    for method, g in curve.groupby("method"):
+        g = g.sort_values("num_models")
+        ax.plot(g["num_models"], g["lds"], marker="o", label=method)
+        ax.fill_between(g["num_models"], g["ci95_low"], g["ci95_high"], alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("models")
+    ax.set_ylabel("LDS")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(dest)
+    return dest

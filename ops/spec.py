@@ -192,6 +192,7 @@ class DatamodelsSpec(_Section):
 
 class LdsSpec(_Section):
     min_heldout: int = Field(30, gt=1)   # fewer held-out models fails the LDS check
+    bootstrap: int = Field(500, ge=10)   # replicates of the interval over held-out models and targets
 
 
 DETECTOR_METHODS = ("strongest_feature", "spectral_signatures", "activation_clustering", "spectre")

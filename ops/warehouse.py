@@ -27,6 +27,8 @@ TABLES: dict[str, str] = {
     "lds": """experiment VARCHAR, method VARCHAR, lds DOUBLE, ci95_low DOUBLE, ci95_high DOUBLE,
         n_heldout INTEGER, n_targets INTEGER""",
     "lds_per_target": "experiment VARCHAR, method VARCHAR, target_index INTEGER, spearman DOUBLE",
+    "lds_curve": """experiment VARCHAR, method VARCHAR, num_models INTEGER, lds DOUBLE, ci95_low DOUBLE,
+        ci95_high DOUBLE""",
     "backdoor_scores": """experiment VARCHAR, method VARCHAR, train_index INTEGER, example_id VARCHAR,
         score DOUBLE, rank INTEGER, flagged BOOLEAN, poisoned BOOLEAN""",
     "backdoor_summary": """experiment VARCHAR, method VARCHAR, n_poisoned INTEGER, n_flagged INTEGER,
@@ -40,11 +42,11 @@ SOURCES: dict[str, list[tuple[str, str]]] = {
     "examples": [("training_set", "examples.parquet")],
     "subset_masks": [("subset_masks", "masks.parquet")],
     "models": [("checkpoints", "models.parquet")],
-    "attributions": [("attribution_scores", "top_attributions.parquet"),
-                     ("datamodel_weights", "top_attributions.parquet")],
+    "attributions": [],           # every registered method's table (ops/methods), filled in below
     "datamodel_weights": [("datamodel_weights", "weights.parquet")],
     "lds": [("lds_evaluation", "lds.parquet")],
     "lds_per_target": [("lds_evaluation", "lds_per_target.parquet")],
+    "lds_curve": [("lds_evaluation", "lds_curve.parquet")],
     "backdoor_scores": [("backdoor_report", "scores.parquet")],
     "backdoor_summary": [("backdoor_report", "summary.parquet")],
 }
@@ -73,7 +75,11 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
         "source": spec.dataset.source, "attack": spec.attack.kind,
         "n_train": int((examples["split"] == "train").sum()), "n_test": int((examples["split"] == "test").sum()),
         "loaded_at": pd.Timestamp.now(tz="UTC").tz_localize(None)}])
+    from ops.methods import METHODS, Context
+
     paths = {t: [str(store.require(exp, a, f)) for a, f in files] for t, files in SOURCES.items()}
+    ctx = Context(spec, store, exp)
+    paths["attributions"] = [str(m.top_table(ctx)) for m in METHODS.values()]
     create_tables(conn)
     counts = {}
     conn.execute("BEGIN TRANSACTION")

@@ -14,7 +14,7 @@ def test_definitions_load_with_the_whole_lineage():
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     assert keys == {"raw_dataset", "training_set", "poison_truth", "loader_files", "subset_masks", "checkpoints",
                     "model_outputs", "gradient_features", "attribution_scores", "datamodel_weights",
-                    "lds_evaluation", "backdoor_report", "warehouse"}
+                    "baseline_attributions", "lds_evaluation", "backdoor_report", "warehouse"}
     job = defs.resolve_job_def("lineage_job")
     assert job.partitions_def is not None and job.partitions_def.name == "experiments"
     graph = defs.resolve_asset_graph()

@@ -75,14 +75,19 @@ def test_warehouse_holds_every_stage(tiny):
     assert q(home, "SELECT count(*) FROM model_outputs") == [(33 * 60,)]
     # top-5 attributions per target and method, ranks 1..5, scores non-increasing
     assert q(home, "SELECT method, count(DISTINCT target_index), count(*) FROM attributions "
-                   "GROUP BY method ORDER BY method") == [("datamodels", 60, 300), ("trak", 60, 300)]
+                   "GROUP BY method ORDER BY method") == [(m, 60, 300) for m in ("datamodels", "repsim", "tracin", "trak")]
     assert q(home, "SELECT count(*) FROM (SELECT target_index, method, score, "
                    "lag(score) OVER (PARTITION BY method, target_index ORDER BY rank) AS prev "
                    "FROM attributions) WHERE prev < score") == [(0,)]
     assert q(home, "SELECT count(*) > 0, bool_and(weight <> 0) FROM datamodel_weights") == [(True, True)]
     lds = dict(q(home, "SELECT method, lds FROM lds"))
-    assert set(lds) == {"trak", "datamodels"} and lds["trak"] > 0.1
+    assert set(lds) == {"trak", "datamodels", "tracin", "repsim"} and lds["trak"] > 0.1
     assert q(home, "SELECT DISTINCT n_heldout FROM lds") == [(8,)]
+    assert q(home, "SELECT count(*) FROM lds WHERE NOT (ci95_low <= lds AND lds <= ci95_high)") == [(0,)]
+    # LDS against the number of models: TRAK's 8 checkpoints (4 models x 2 epochs) rescored, datamodels refitted
+    curve = q(home, "SELECT method, list(num_models ORDER BY num_models) FROM lds_curve GROUP BY method ORDER BY method")
+    assert curve[0][0] == "datamodels" and curve[1] == ("trak", [1, 2, 5, 8])
+    assert q(home, "SELECT lds FROM lds_curve WHERE method = 'trak' AND num_models = 8")[0][0] == pytest.approx(lds["trak"])
     assert q(home, "SELECT method, count(*) FROM backdoor_scores GROUP BY method ORDER BY method") == [
         ("activation_clustering", 300), ("spectral_signatures", 300), ("spectre", 300), ("strongest_feature", 300)]
     sf = q(home, "SELECT auroc, n_poisoned, recall_at_fpr01 FROM backdoor_summary WHERE method = 'strongest_feature'")[0]
@@ -93,8 +98,8 @@ def test_warehouse_holds_every_stage(tiny):
         assert (racc is not None) == (nf > 0), method
         assert ref is not None and 0.5 < ref <= 1
     assert (home / "artifacts" / "tiny" / "backdoor_report" / "top_flagged.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(checks) == {"models_above_chance", "features_finite", "scores_finite", "enough_heldout_models",
-                           "detector_flagged_something"}
+    assert set(checks) == {"models_above_chance", "features_finite", "scores_finite", "baseline_scores_finite",
+                           "enough_heldout_models", "detector_flagged_something"}
     assert all(passed for name, passed in checks.items() if name != "detector_flagged_something")
 
 

@@ -1,0 +1,243 @@
+"""TRAK featurization and scoring, provenance (dense and factored projectors) against traker 0.3.2.
+
+One experiment (Fashion-MNIST, 10,000 training examples, the small CNN, 20 subset models for the
+ensemble and held-out subset models for the LDS) is trained once through provenance's own stages
+into ``--home``; then, on the same trained models, the same k and the same CPU:
+
+- provenance ``dense`` and ``factored``: featurize train and test with every model (examples/s per
+  model, median), finalize and score (seconds), LDS on the held-out models;
+- traker 0.3.2 (``pip install traker==0.3.2``; a bench-only dependency) in float32
+  (``use_half_precision=False``): the same, on the same models, alternating with provenance model
+  by model;
+- traker with its default float16, which is much slower on a CPU: featurization throughput on
+  ``--fp16-examples`` examples of one model, and the LDS of a one-model ensemble beside the other
+  systems' one-model LDS.
+
+LDS = mean Spearman over targets between the held-out models' margins and the summed scores of
+their training subsets (kernels/stats.lds; shared/reference/trak.md §3).
+
+    python bench/attribution.py            # the full run
+    python bench/attribution.py --quick    # digits, a smoke run in about a minute
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.results_file import write_results  # noqa: E402
+
+BASE = {"name": "attribution-bench", "seed": 0,
+        "dataset": {"source": "fashion_mnist", "limit_train": 10000, "limit_test": 1000},
+        "model": {"arch": "small_cnn", "hidden": 32},
+        "training": {"epochs": 10, "batch_size": 64, "lr": 0.05},
+        "subsets": {"alpha": 0.5, "num_models": 20, "num_heldout": 60}, "trak": {"num_models": 20}}
+QUICK = {"name": "attribution-bench-quick", "seed": 0,
+         "dataset": {"source": "digits", "limit_train": 600, "limit_test": 150},
+         "model": {"arch": "mlp", "hidden": 32}, "training": {"epochs": 10, "batch_size": 32},
+         "subsets": {"alpha": 0.5, "num_models": 8, "num_heldout": 30}, "trak": {"num_models": 8}}
+
+
+def build(spec, store, exp, log):
+    """Data, masks and every model, unless the store holds them for this spec already."""
+    from ops import data as D
+    from ops import training as T
+
+    stamp = store.path(exp, "bench_models.json")
+    want = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("trak", "detector", "datamodels")}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return
+    for stage in (D.raw_dataset, D.training_set, D.loader_files, D.subset_masks):
+        stage(spec, store, exp)
+    for jobs in T.plan_shards(spec, store, exp, log):
+        T.train_shard(spec, store, exp, jobs, torch.device("cpu"), log)
+    T.collect_models(spec, store, exp, log)
+    stamp.write_text(json.dumps(want))
+
+
+def traker_scores(make_model, members, data, k, half, work, lam, log, time_limit_examples=None):
+    """traker's scores (targets x train) and per-model featurization rates; ``members`` is a list of
+    state dicts.  With ``time_limit_examples`` only that many training examples of the first model
+    are featurized (throughput only; no scores)."""
+    from trak import TRAKer
+
+    model = make_model().eval()
+    save = Path(tempfile.mkdtemp(dir=work, prefix="traker-"))
+    n = len(data.y) if time_limit_examples is None else time_limit_examples
+    tr = TRAKer(model=model, task="image_classification", train_set_size=n, save_dir=str(save), device="cpu",
+                proj_dim=k, use_half_precision=half, lambda_reg=lam, logging_level=40)
+    rates = []
+    batch = 100
+    for mid, state in enumerate(members):
+        tr.load_checkpoint(state, model_id=mid)
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            xb, yb = data.x[i:min(n, i + batch)], data.y[i:min(n, i + batch)]
+            tr.featurize(batch=(xb, yb), num_samples=len(yb))
+        rates.append(n / (time.perf_counter() - t0))
+        log(f"traker {'fp16' if half else 'fp32'}: model {mid} featurized at {rates[-1]:.0f} examples/s")
+        if time_limit_examples is not None:
+            shutil.rmtree(save, ignore_errors=True)
+            return None, rates, None
+    t0 = time.perf_counter()
+    tr.finalize_features()
+    t_test = len(data.yt)
+    for mid, state in enumerate(members):
+        tr.start_scoring_checkpoint("bench", state, model_id=mid, num_targets=t_test)
+        for i in range(0, t_test, batch):
+            tr.score(batch=(data.xt[i:i + batch], data.yt[i:i + batch]), num_samples=len(data.yt[i:i + batch]))
+    scores = np.asarray(tr.finalize_scores("bench"), np.float64).T       # targets x train
+    score_s = time.perf_counter() - t0
+    shutil.rmtree(save, ignore_errors=True)
+    return scores, rates, score_s
+
+
+def ours(kind, make_model, members, data, k, seed, lam, work, memory_gb, log):
+    """provenance's features through kernels/projectors.py and scores through the tiled kernels."""
+    from kernels.npyio import NpyFile
+    from kernels.projectors import batched_out_to_loss, make_projector
+    from kernels.trak import finalize_member, score_tiles
+
+    model = make_model()
+    n, t, m = len(data.y), len(data.yt), len(members)
+    d = Path(tempfile.mkdtemp(dir=work, prefix=f"{kind}-"))
+    train = NpyFile.create(d / "train.npy", (m, n, k), np.float32)
+    test = NpyFile.create(d / "test.npy", (m, t, k), np.float32)
+    qs = []
+    rates = []
+    for i, state in enumerate(members):
+        t0 = time.perf_counter()
+        proj = make_projector(kind, model, state, k, seed * 100_003 + i, memory_gb * 2**30, "cpu")
+        c = proj.chunk(data.x)
+        for r in range(0, n, c):
+            train.write_rows(i, r, proj(data.x[r:r + c], data.y[r:r + c]).numpy())
+        rates.append(n / (time.perf_counter() - t0))
+        for r in range(0, t, c):
+            test.write_rows(i, r, proj(data.xt[r:r + c], data.yt[r:r + c]).numpy())
+        qs.append(batched_out_to_loss(model, state, data.x, data.y, 1024).numpy().astype(np.float64))
+        log(f"provenance {kind}: model {i} featurized at {rates[-1]:.0f} examples/s")
+    t0 = time.perf_counter()
+    feats = NpyFile.create(d / "features.npy", (m, n, k), np.float32)
+    for i in range(m):
+        finalize_member(train, i, lam, feats, "cpu")
+    out = {}
+    for mm in sorted({1, m}):
+        o = NpyFile.create(d / f"scores{mm}.npy", (t, n), np.float32)
+        score_tiles(test, feats, np.mean(qs[:mm], 0), o, "cpu", memory_gb * 2**30, members=list(range(mm)))
+        o.close()
+        out[mm] = np.load(d / f"scores{mm}.npy").astype(np.float64)
+    score_s = time.perf_counter() - t0
+    shutil.rmtree(d, ignore_errors=True)
+    return out, rates, score_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--lam", type=float, default=0.01, help="provenance's trak.lam (relative ridge)")
+    ap.add_argument("--home", default=str(ROOT / "bench" / ".attribution-work"))
+    ap.add_argument("--fp16-examples", type=int, default=500)
+    ap.add_argument("--memory-gb", type=float, default=2.0)
+    ap.add_argument("--skip-traker", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    from kernels.stats import lds
+    from ops.attribution import _roles
+    from ops.spec import parse_spec
+    from ops.store import ArtifactStore
+    from ops.training import Data, load_member, model_factory
+
+    base = copy.deepcopy(QUICK if args.quick else BASE)
+    k = min(args.k, 256) if args.quick else args.k
+    spec = parse_spec(base)
+    store = ArtifactStore(args.home)
+    exp = spec.name
+    log = lambda s: print(f"  {s}", flush=True)  # noqa: E731
+    build(spec, store, exp, log)
+    make_model, meta = model_factory(spec, store, exp)
+    data = Data(store, exp, torch.device("cpu"), norm=json.loads(meta["norm"]))
+    members = [load_member(spec, store, exp, i) for i in range(spec.trak.num_models)]
+    masks, roles, margins = _roles(store, exp)
+    held = np.flatnonzero(roles == "heldout")
+    hx, actual = masks[held].astype(np.float64), margins[held]
+    work = Path(args.home) / exp / "bench-tmp"
+    work.mkdir(parents=True, exist_ok=True)
+    n, t, m = len(data.y), len(data.yt), len(members)
+    case = f"{spec.dataset.source}-n{n}-{spec.model.arch}-k{k}-M{m}"
+    rows, ratios, table = [], [], []
+
+    def record(system, rates, score_s, lds_m, lds_1):
+        rate = statistics.median(rates)
+        rows.append({"case": case, "system": system, "metric": "featurize_ex_per_s", "value": rate, "runs": len(rates)})
+        if score_s is not None:
+            rows.append({"case": case, "system": system, "metric": "score_seconds", "value": score_s, "runs": 1})
+        for mm, v in ((m, lds_m), (1, lds_1)):
+            if v is not None:
+                rows.append({"case": f"{case}/lds-M{mm}", "system": system, "metric": "lds", "value": v[0],
+                             "ci95": v[1], "runs": 1, "n_heldout": len(held), "n_targets": t})
+        table.append((system, rate, score_s, lds_m, lds_1))
+
+    results = {}
+    for kind in ("dense", "factored"):
+        scores, rates, score_s = ours(kind, make_model, members, data, k, spec.seed, args.lam, work,
+                                      args.memory_gb, log)
+        results[kind] = (rates, score_s, lds(hx @ scores[m].T, actual)[:2], lds(hx @ scores[1].T, actual)[:2])
+        record(f"provenance_{kind}", *results[kind])
+    if args.skip_traker:
+        rows.append({"case": case, "system": "traker_fp32", "metric": "featurize_ex_per_s", "value": None,
+                     "note": "--skip-traker"})
+    else:
+        try:
+            import trak  # noqa: F401
+        except ImportError:
+            trak = None
+        if trak is None:
+            rows.append({"case": case, "system": "traker_fp32", "metric": "featurize_ex_per_s", "value": None,
+                         "note": "traker is not installed (pip install traker==0.3.2)"})
+        else:
+            sc, rates, score_s = traker_scores(make_model, members, data, k, False, work, 0.0, log)
+            sc1, _, _ = traker_scores(make_model, members[:1], data, k, False, work, 0.0, lambda s: None)
+            record("traker_fp32", rates, score_s, lds(hx @ sc.T, actual)[:2], lds(hx @ sc1.T, actual)[:2])
+            _, rates16, _ = traker_scores(make_model, members[:1], data, k, True, work, 0.0, log,
+                                          time_limit_examples=min(n, args.fp16_examples))
+            sc16, _, _ = traker_scores(make_model, members[:1], data, k, True, work, 0.0, log) if args.quick \
+                else (None, None, None)
+            record("traker_fp16", rates16, None, None,
+                   lds(hx @ sc16.T, actual)[:2] if sc16 is not None else None)
+            base_rate = statistics.median(rates)
+            for kind in ("dense", "factored"):
+                ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
+                               "over": "traker_fp32", "value": round(statistics.median(results[kind][0]) / base_rate, 2)})
+                ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
+                               "over": "traker_fp16", "value": round(statistics.median(results[kind][0])
+                                                                     / statistics.median(rates16), 2)})
+                if score_s:
+                    ratios.append({"case": case, "metric": "score_seconds", "of": f"provenance_{kind}",
+                                   "over": "traker_fp32", "value": round(score_s / results[kind][1], 2)})
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{case}: {len(held)} held-out models, {t} targets")
+    print(f"{'system':<22}{'featurize ex/s':>16}{'score s':>10}{f'LDS (M={m})':>18}{'LDS (M=1)':>18}")
+    for system, rate, score_s, l_m, l_1 in table:
+        fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if v else "-"  # noqa: E731
+        print(f"{system:<22}{rate:>16.0f}{(f'{score_s:.1f}' if score_s else '-'):>10}{fmt(l_m):>18}{fmt(l_1):>18}")
+    for r in ratios:
+        print(f"  {r['of']} / {r['over']} ({r['metric']}): {r['value']}")
+    write_results("attribution", {"spec": base, "k": k, "lam_provenance": args.lam, "lambda_reg_traker": 0.0,
+                                  "fp16_examples": args.fp16_examples, "memory_gb": args.memory_gb},
+                  rows, ratios, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

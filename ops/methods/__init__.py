@@ -1,0 +1,73 @@
+"""Attribution methods behind one small interface, registered in one place.
+
+A method turns the training set into whatever it scores with (``fit``), turns targets into
+their side of the score (``target_features``, where the method can score new targets without
+retraining), and scores targets against the training set (``predict`` / ``scores_path``), in the
+spirit of traker's gradient-computer / projector / score-computer split.  The LDS stage, the
+warehouse and the report iterate over ``METHODS``; adding a method is one new module here that
+subclasses ``Method`` and is decorated with ``@register``, plus its line in the import list at
+the bottom of this file.
+
+Registered: ``trak`` (ops/methods/trak.py), ``datamodels``, ``tracin`` (TracIn-CP: dot products
+of projected loss gradients summed over the saved checkpoints) and ``repsim`` (cosine similarity
+of penultimate features).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ops.spec import Spec
+from ops.store import ArtifactStore
+
+
+@dataclass
+class Context:
+    spec: Spec
+    store: ArtifactStore
+    exp: str
+    device: object = "cpu"
+    log: Callable[[str], None] = lambda _: None
+
+
+class Method:
+    """One attribution method.  ``asset`` is the Dagster asset that computes it (its folder holds
+    the method's artifacts); ``fit`` runs inside that asset for methods that need it."""
+
+    name: str = ""
+    asset: str = ""
+    description: str = ""
+
+    def fit(self, ctx: Context) -> dict:
+        """Compute the method's training-side features and its test x train scores."""
+        return {}
+
+    def scores_path(self, ctx: Context) -> Path:
+        """[targets, train] float32 .npy of test x train scores (higher: more support)."""
+        return ctx.store.require(ctx.exp, self.asset, f"{self.name}/test_x_train.npy")
+
+    def top_table(self, ctx: Context) -> Path:
+        """Parquet of the top supporting training examples per target (warehouse ``attributions``)."""
+        return ctx.store.require(ctx.exp, self.asset, f"{self.name}/top_attributions.parquet")
+
+    def predict(self, ctx: Context, masks: np.ndarray) -> np.ndarray:
+        """The method's prediction of every target's margin for models trained on ``masks``
+        (models x train -> models x targets): Σ of the scores of the training subset."""
+        from ops.attribution import _predict_blocks
+
+        return _predict_blocks(self.scores_path(ctx), masks, ctx.spec.trak.memory_gb)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(cls):
+    METHODS[cls.name] = cls()
+    return cls
+
+
+# the registration list: one line per method module
+from ops.methods import datamodels, repsim, tracin, trak  # noqa: E402,F401
