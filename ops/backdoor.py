@@ -28,11 +28,23 @@ METRICS = ("precision", "recall", "recall_at_budget", "recall_at_fpr01", "auroc"
 RETRAIN_VERSION = 1
 
 
+def stable_keys(body: dict) -> dict:
+    """Drop from a spec dump the keys added after results were stored under keys without them,
+    where they hold the value that reproduces those results: trak.memory_gb (chunk and tile sizes
+    only), trak.projector = dense (the features the dense projector always made), lds.bootstrap."""
+    body.get("trak", {}).pop("memory_gb", None)
+    if body.get("trak", {}).get("projector") == "dense":
+        body["trak"].pop("projector")
+    body.get("lds", {}).pop("bootstrap", None)
+    return body
+
+
 def retrain_key(spec: Spec, store: ArtifactStore, exp: str, drop: np.ndarray) -> str:
     """What a retraining result depends on: the spec but its detector section and name (data, attack,
     model, recipe, seed), the training set's identity (its ids) and the dropped examples."""
     h = hashlib.sha256()
     body = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("detector", "name")}
+    stable_keys(body)
     h.update(json.dumps({**body, "retrain_version": RETRAIN_VERSION}, sort_keys=True).encode())
     h.update(store.require(exp, "training_set", "meta.json").read_bytes())
     h.update(np.packbits(np.asarray(drop, bool)).tobytes())

@@ -252,3 +252,34 @@ def test_models_are_reused_for_the_same_data_and_retrained_for_new_data(tmp_path
     assert _training_run(tmp_path, spec) == (0, 9)
     changed = {**spec, "attack": {**spec["attack"], "poison_count": 10}}
     assert _training_run(tmp_path, changed) == (9, 0)
+
+
+def test_baselines_and_new_targets_match_their_written_out_scores(tiny):
+    """TracIn = sum over checkpoints of (Q ⊙ Φ) φ(z); new targets scored against the stored
+    training features (ops.attribution.score_targets) reproduce the test split's rows."""
+    from kernels.npyio import NpyFile
+    from ops.attribution import score_targets
+    from ops.spec import load_spec_file
+    from ops.store import ArtifactStore
+
+    tmp, _, home = tiny
+    store = ArtifactStore(home / "artifacts")
+    train = np.load(store.path("tiny", "gradient_features", "train.npy")).astype(np.float64)
+    test = np.load(store.path("tiny", "gradient_features", "test.npy")).astype(np.float64)
+    q = np.load(store.path("tiny", "gradient_features", "out_to_loss.npy")).astype(np.float64)
+    want = np.sum([test[m] @ (train[m] * q[m][:, None]).T for m in range(len(train))], 0)
+    got = np.load(store.path("tiny", "baseline_attributions", "tracin/test_x_train.npy"))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    spec = load_spec_file(tmp / "experiments" / "tiny.yaml")
+    rows = [3, 7, 11]
+    with NpyFile.create(tmp / "new.npy", (len(train), len(rows), train.shape[2]), np.float32) as new:
+        for m in range(len(train)):
+            new.write_rows(m, 0, test[m, rows])
+    with NpyFile(tmp / "new.npy") as new:
+        assert score_targets(spec, store, "tiny", new, tmp / "new_scores.npy", "cpu") == (3, 300)
+    full = np.load(store.path("tiny", "attribution_scores", "test_x_train.npy"))
+    np.testing.assert_allclose(np.load(tmp / "new_scores.npy"), full[rows], rtol=1e-4, atol=1e-5 * np.abs(full).max())
+    with NpyFile.create(tmp / "bad.npy", (len(train), 2, train.shape[2] + 1), np.float32) as bad:
+        pass
+    with NpyFile(tmp / "bad.npy") as bad, pytest.raises(Exception, match="bad.npy: target features of shape"):
+        score_targets(spec, store, "tiny", bad, tmp / "x.npy", "cpu")

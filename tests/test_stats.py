@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from kernels.spectral import spectral_scores, spectral_scores_reference
 from kernels.stats import detection_metrics, lds, spearman_columns, spearman_columns_reference
@@ -38,3 +39,19 @@ def test_spectral_signature_fast_equals_reference_and_finds_outlier_direction():
     fast = spectral_scores(feats, labels)
     np.testing.assert_allclose(fast, spectral_scores_reference(feats, labels), rtol=1e-8)
     assert set(np.argsort(-fast[:60])[:8]) == set(range(8))   # top of class 0
+
+
+def test_lds_bootstrap_matches_the_written_out_replicates_and_counts_model_variance():
+    from kernels.stats import lds, lds_bootstrap, lds_bootstrap_reference
+
+    rng = np.random.default_rng(3)
+    actual = rng.standard_normal((12, 9))
+    pred = actual + rng.standard_normal((12, 9)) * 1.5
+    value, lo, hi, rho = lds_bootstrap(pred, actual, n_boot=60, seed=4)
+    assert value == pytest.approx(lds(pred, actual)[0]) and lo <= value <= hi
+    ref_lo, ref_hi = lds_bootstrap_reference(pred, actual, n_boot=60, seed=4)
+    assert (lo, hi) == pytest.approx((ref_lo, ref_hi))
+    # with few held-out models the interval over models and targets is wider than the normal
+    # interval over targets alone (which treats the models as fixed)
+    _, half, _ = lds(pred, actual)
+    assert hi - lo > 2 * half
