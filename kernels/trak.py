@@ -228,22 +228,23 @@ def clean_whitened_kernel_reference(phis, tests, labels, test_labels, lam_rel: f
 # device in float32 and written to a .npy file.
 
 
-def finalize_member(phi, member: int, lam_rel: float, out, device, rows: int = 8192) -> float:
+def finalize_member(phi, member: int, lam_rel: float, out, device, rows: int = 8192, cols: int | None = None) -> float:
     """Training features of one checkpoint, Φ (rows of ``phi[member]``, a kernels.npyio.NpyFile of
-    shape [M, n, k]), turned into TRAK's F = Φ (ΦᵀΦ + λI)^{-1} (written to ``out[member]``, float32).
-    ΦᵀΦ and the inverse are float64; λ = lam_rel · tr(ΦᵀΦ)/k.  Returns λ."""
+    shape [M, n, k]; only its first ``cols`` columns if given), turned into TRAK's
+    F = Φ (ΦᵀΦ + λI)^{-1} (written to ``out[member]``, float32).  ΦᵀΦ and the inverse are float64;
+    λ = lam_rel · tr(ΦᵀΦ)/k.  Returns λ."""
     device = torch.device(device)
     f64 = torch.float64 if device.type != "mps" else torch.float32
-    n, k = phi.shape[1], phi.shape[2]
+    n, k = phi.shape[1], cols or phi.shape[2]
     xtx = torch.zeros(k, k, dtype=f64, device=device)
     for i in range(0, n, rows):
-        b = torch.from_numpy(phi.rows(member, i, i + rows)).to(device, f64)
+        b = torch.from_numpy(phi.rows(member, i, i + rows)[:, :k]).to(device, f64)
         xtx += b.T @ b
     lam = lam_rel * float(torch.trace(xtx)) / k
     kinv = torch.linalg.solve(xtx + lam * torch.eye(k, dtype=f64, device=device),
                               torch.eye(k, dtype=f64, device=device))
     for i in range(0, n, rows):
-        b = torch.from_numpy(phi.rows(member, i, i + rows)).to(device, f64)
+        b = torch.from_numpy(phi.rows(member, i, i + rows)[:, :k]).to(device, f64)
         out.write_rows(member, i, (b @ kinv).float().cpu().numpy())
     return lam
 
@@ -253,7 +254,8 @@ def score_tiles(targets, features, q_mean: np.ndarray, out, device, memory_bytes
     """τ = (1/M Σ_m X_m F_mᵀ) ⊙ q̄ (targets x train, float32) tile by tile.
 
     ``targets`` [M, t, k] target features and ``features`` [M, n, k] finalized training features
-    (:func:`finalize_member`) are NpyFiles; ``out`` is an NpyFile [t, n].  A block of target rows
+    (:func:`finalize_member`) are NpyFiles (targets may be wider: their first k columns are used);
+    ``out`` is an NpyFile [t, n].  A block of target rows
     is accumulated over every member on ``device`` (bt x n float32 within half the budget; the
     training features stream through in column blocks), multiplied by q̄ and written."""
     device = torch.device(device)
@@ -265,7 +267,7 @@ def score_tiles(targets, features, q_mean: np.ndarray, out, device, memory_bytes
     for t0 in range(0, t, bt):
         acc = torch.zeros(min(bt, t - t0), n, dtype=torch.float32, device=device)
         for m in m_all:
-            x = torch.from_numpy(targets.rows(m, t0, t0 + bt)).to(device, torch.float32)
+            x = torch.from_numpy(np.ascontiguousarray(targets.rows(m, t0, t0 + bt)[:, :k])).to(device, torch.float32)
             for j0 in range(0, n, bn):
                 f = torch.from_numpy(features.rows(m, j0, j0 + bn)).to(device, torch.float32)
                 acc[:, j0:j0 + bn] += x @ f.T
@@ -273,3 +275,36 @@ def score_tiles(targets, features, q_mean: np.ndarray, out, device, memory_bytes
         out.write(t0, acc.cpu().numpy())
         if on_block is not None:
             on_block(min(t, t0 + bt), t)
+
+
+def grid_scores(train, targets, target_rows: np.ndarray, q_mean: np.ndarray, ks: list[int], lams: list[float],
+                device, rows: int = 8192):
+    """τ for a grid of projection dimensions and ridges, restricted to ``target_rows``.
+
+    ``train`` [M, n, K] and ``targets`` [M, t, K] are NpyFiles of dense-projected features; the
+    first k columns of a dense projection are themselves a dense projection (to a global scale,
+    which τ ignores: λ is relative), so every k in ``ks`` (<= K) reuses them.  One eigendecomposition
+    ΦᵀΦ = V diag(w) Vᵀ per member and k gives every λ: (ΦᵀΦ + λI)^{-1} = V diag(1/(w + λ)) Vᵀ.
+    Yields ((k, lam_rel), scores [len(target_rows), n] float32) -- the same numbers
+    finalize_member + score_tiles give at that k and λ."""
+    device = torch.device(device)
+    m_all, n = train.shape[0], train.shape[1]
+    q = torch.from_numpy(np.asarray(q_mean, np.float64) / m_all).to(device, torch.float32)
+    for k in ks:
+        accs = [torch.zeros(len(target_rows), n, dtype=torch.float32, device=device) for _ in lams]
+        for m in range(m_all):
+            xtx = torch.zeros(k, k, dtype=torch.float64, device=device)
+            for i in range(0, n, rows):
+                b = torch.from_numpy(train.rows(m, i, i + rows)[:, :k]).to(device, torch.float64)
+                xtx += b.T @ b
+            w, v = torch.linalg.eigh(xtx)
+            trace = float(w.sum())
+            a = torch.cat([(torch.from_numpy(train.rows(m, i, i + rows)[:, :k]).to(device, torch.float64) @ v).float()
+                           for i in range(0, n, rows)])                                   # n x k, eigenbasis
+            bt = (torch.from_numpy(np.ascontiguousarray(targets.rows(m, 0, targets.shape[1])[target_rows, :k]))
+                  .to(device, torch.float64) @ v)                                          # t' x k
+            for j, lam in enumerate(lams):
+                d = 1.0 / (w + lam * trace / k)
+                accs[j] += (bt * d).float() @ a.T
+        for j, lam in enumerate(lams):
+            yield (k, lam), (accs[j] * q).cpu().numpy()

@@ -12,9 +12,9 @@ import torch
 
 from kernels.lasso import fit_datamodels
 from kernels.npyio import NpyFile
-from kernels.stats import lds_bootstrap
+from kernels.stats import lds, lds_bootstrap
 from kernels.projectors import batched_out_to_loss, make_projector
-from kernels.trak import finalize_member, score_tiles
+from kernels.trak import finalize_member, grid_scores, score_tiles
 from ops.data import MASKS
 from ops.spec import Spec
 from ops.store import ArtifactError, ArtifactStore
@@ -33,7 +33,7 @@ def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.
     make_model, meta = model_factory(spec, store, exp)
     data = Data(store, exp, device, norm=json.loads(meta["norm"]))
     model = make_model().to(device)
-    k, n_models = spec.trak.proj_dim, spec.trak.num_models
+    k, n_models = spec.trak.feature_dim, spec.trak.num_models
     sets = [("final", None)] + [(f"epoch {e}", e) for e in spec.trak.checkpoint_epochs]
     members = [(epoch, i) for _, epoch in sets for i in range(n_models)]
     m = len(members)
@@ -92,7 +92,7 @@ def score_targets(spec: Spec, store: ArtifactStore, exp: str, targets: NpyFile, 
     split, the training set itself (train x train for the detector) and new examples all go
     through here.  Returns (t, n)."""
     with NpyFile(store.require(exp, SCORES, "train_features.npy")) as feats:
-        if targets.shape[0] != feats.shape[0] or targets.shape[2] != feats.shape[2]:
+        if targets.shape[0] != feats.shape[0] or targets.shape[2] < feats.shape[2]:
             raise ArtifactError(f"{targets.path}: target features of shape {targets.shape} do not match the stored "
                                 f"training features {feats.shape} (checkpoints x examples x k)")
         q = np.asarray(store.load_npy(exp, SCORES, "q_mean.npy"), np.float64)
@@ -151,16 +151,73 @@ def baseline_attributions(spec: Spec, store: ArtifactStore, exp: str, device, lo
     return out
 
 
+SELECTION = "selection.json"
+
+
+def trak_choice(spec: Spec, store: ArtifactStore, exp: str) -> tuple[int, float]:
+    """(k, λ) TRAK's scores use: the spec's, or what attribution_scores chose for ``auto``."""
+    if spec.trak.proj_dim != "auto" and spec.trak.lam != "auto":
+        return spec.trak.proj_dim, spec.trak.lam
+    chosen = store.load_json(exp, SCORES, SELECTION)
+    return int(chosen["proj_dim"]), float(chosen["lam"])
+
+
+def heldout_split(spec: Spec, store: ArtifactStore, exp: str, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(models that chose auto k/λ, models the LDS is reported on); all report when nothing was chosen."""
+    if spec.trak.proj_dim != "auto" and spec.trak.lam != "auto":
+        return held[:0], held
+    chosen = store.load_json(exp, SCORES, SELECTION)
+    return np.asarray(chosen["select_models"], int), np.asarray(chosen["eval_models"], int)
+
+
+def select_trak(spec: Spec, store: ArtifactStore, exp: str, device, log: Log) -> dict:
+    """Choose ``trak.proj_dim: auto`` from proj_dim_grid and ``trak.lam: auto`` from lam_grid by LDS on
+    a seeded share (``trak.select_fraction``) of the held-out models, on a seeded sample of at most
+    ``trak.select_targets`` targets; the other held-out models are left for reporting LDS."""
+    t0 = time.perf_counter()
+    masks, roles, margins = _roles(store, exp)
+    held = np.flatnonzero(roles == "heldout")
+    rng = np.random.default_rng([spec.seed, 29])
+    perm = rng.permutation(held)
+    n_sel = min(len(held) - 1, max(2, int(round(spec.trak.select_fraction * len(held)))))
+    sel, rest = np.sort(perm[:n_sel]), np.sort(perm[n_sel:])
+    ks = spec.trak.proj_dim_grid if spec.trak.proj_dim == "auto" else [spec.trak.proj_dim]
+    lams = spec.trak.lam_grid if spec.trak.lam == "auto" else [spec.trak.lam]
+    with NpyFile(store.require(exp, FEAT, "train.npy")) as train, NpyFile(store.require(exp, FEAT, "test.npy")) as test, \
+            NpyFile(store.require(exp, FEAT, "out_to_loss.npy")) as qf:
+        ks = [k for k in ks if k <= train.shape[2]]
+        t = test.shape[1]
+        rows = np.sort(rng.choice(t, size=min(t, spec.trak.select_targets), replace=False))
+        q = np.mean([qf.read(i, i + 1)[0] for i in range(qf.shape[0])], 0)
+        x, actual = masks[sel].astype(np.float64), margins[sel][:, rows]
+        grid = []
+        for (k, lam), scores in grid_scores(train, test, rows, q, ks, lams, device):
+            value, _, _ = lds(x @ scores.astype(np.float64).T, actual)
+            grid.append({"proj_dim": k, "lam": lam, "lds_select": value})
+            log(f"auto: k={k}, λ={lam:g}: LDS {value:.3f} on {len(sel)} selection models")
+    best = max(grid, key=lambda g: (round(g["lds_select"], 6), -g["proj_dim"]))
+    chosen = {"proj_dim": best["proj_dim"], "lam": best["lam"], "lds_select": best["lds_select"], "grid": grid,
+              "select_models": sel.tolist(), "eval_models": rest.tolist(), "select_targets": len(rows),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    store.save_json(exp, SCORES, SELECTION, chosen)
+    log(f"auto: chose k={best['proj_dim']}, λ={best['lam']:g} (LDS {best['lds_select']:.3f} on {len(sel)} selection "
+        f"models); LDS is reported on the other {len(rest)}")
+    return chosen
+
+
 def attribution_scores(spec: Spec, store: ArtifactStore, exp: str, log: Log, device=None) -> dict:
     """Finalized training features F_m = Φ_m(Φ_mᵀΦ_m + λI)^{-1} and mean Q (what new targets are
     scored against), then test x train and train x train scores, block by block."""
     device = torch.device("cpu") if device is None else torch.device(device)
+    chosen = select_trak(spec, store, exp, device, log) \
+        if "auto" in (spec.trak.proj_dim, spec.trak.lam) else None
+    k, lam = trak_choice(spec, store, exp)
     with NpyFile(store.require(exp, FEAT, "train.npy")) as train:
-        m, n, k = train.shape
+        m, n, _ = train.shape
         with store.atomic(exp, SCORES, "train_features.npy") as tmp:
             with NpyFile.create(tmp, (m, n, k), np.float32) as out:
                 for i in range(m):
-                    finalize_member(train, i, spec.trak.lam, out, device)
+                    finalize_member(train, i, lam, out, device, cols=k)
         with NpyFile(store.require(exp, FEAT, "out_to_loss.npy")) as qf:
             q = np.zeros(n)
             for i in range(m):
@@ -178,7 +235,11 @@ def attribution_scores(spec: Spec, store: ArtifactStore, exp: str, log: Log, dev
         rows = max(1, int(spec.trak.memory_gb * 2**30 / 4 / (4 * n)))
         for r in range(0, n, rows):
             finite &= bool(np.isfinite(s_train.read(r, r + rows)).all())
-    return {"targets": t, "train": n, "checkpoints": m, "finite": finite, "lambda_rel": spec.trak.lam}
+    out = {"targets": t, "train": n, "checkpoints": m, "finite": finite, "proj_dim": k, "lambda_rel": lam}
+    if chosen:
+        out.update(auto_lds_select=round(chosen["lds_select"], 4), auto_grid=chosen["grid"],
+                   auto_select_models=len(chosen["select_models"]), auto_eval_models=len(chosen["eval_models"]))
+    return out
 
 
 def _roles(store: ArtifactStore, exp: str):
@@ -263,7 +324,9 @@ def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
 
     ctx = Context(spec, store, exp, "cpu", log)
     masks, roles, margins = _roles(store, exp)
-    held = np.flatnonzero(roles == "heldout")
+    chose, held = heldout_split(spec, store, exp, np.flatnonzero(roles == "heldout"))
+    if len(chose):
+        log(f"LDS on the {len(held)} held-out models that did not choose TRAK's auto k/λ ({len(chose)} did)")
     x = masks[held].astype(np.float64)
     actual = margins[held]
     rows, per_target = [], []

@@ -110,11 +110,14 @@ class Inputs:
                          f"(detector.min_reference); every label is centred at its training mean instead "
                          f"(divide_q_double_center)")
                 how = "divide_q_double_center"
+        from ops.attribution import trak_choice
+
+        k, lam = trak_choice(self.spec, self.store, self.exp)     # auto: what attribution_scores chose
         if how == "clean_whiten":
             train = self.store.load_npy(self.exp, "gradient_features", "train.npy")
             test = self.store.load_npy(self.exp, "gradient_features", "test.npy")
-            return clean_whitened_kernel(((train[m], test[m]) for m in range(len(train))), self.labels,
-                                         self.test_labels, self.spec.trak.lam)
+            return clean_whitened_kernel(((train[m][:, :k], test[m][:, :k]) for m in range(len(train))), self.labels,
+                                         self.test_labels, lam)
         tau = self.store.load_npy(self.exp, "attribution_scores", "train_x_train.npy")
         q = self.store.load_npy(self.exp, "attribution_scores", "q_mean.npy")
         references = None
@@ -124,8 +127,8 @@ class Inputs:
             means = onehot / onehot.sum(1)[:, None]
             train = self.store.load_npy(self.exp, "gradient_features", "train.npy")
             test = self.store.load_npy(self.exp, "gradient_features", "test.npy")
-            members = ((train[m], means @ np.asarray(test[m], np.float64)) for m in range(len(train)))
-            references = label_mean_effects(members, self.spec.trak.lam)
+            members = ((train[m][:, :k], means @ np.asarray(test[m][:, :k], np.float64)) for m in range(len(train)))
+            references = label_mean_effects(members, lam)
         return influence_matrix(tau, q, self.labels, how, references), None
 
 

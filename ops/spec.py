@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -171,9 +171,45 @@ class SubsetsSpec(_Section):
 
 class TrakSpec(_Section):
     num_models: int = Field(32, gt=0)
-    proj_dim: int = Field(256, gt=0)
-    lam: float = Field(1e-2, ge=0)      # ridge, relative to the mean eigenvalue of ΦᵀΦ
+    # auto: chosen from proj_dim_grid (dense projector: features at the largest k, smaller k as prefixes)
+    proj_dim: Union[int, Literal["auto"]] = 256
+    lam: Union[float, Literal["auto"]] = 1e-2   # ridge, relative to the mean eigenvalue of ΦᵀΦ; auto: lam_grid
+    proj_dim_grid: list[int] = [64, 128, 256, 512, 1024, 2048]
+    lam_grid: list[float] = [1e-3, 1e-2, 1e-1, 1.0]
+    select_fraction: float = Field(0.4, gt=0, lt=1)   # held-out models that choose auto k/λ (LDS on the rest)
+    select_targets: int = Field(1000, gt=1)           # targets the choice is made on (a seeded sample)
     top_k: int = Field(20, gt=0)        # attributions kept per target in the warehouse
+
+    @field_validator("proj_dim", "lam", mode="before")
+    @classmethod
+    def _number_or_auto(cls, v, info):
+        dim = info.field_name == "proj_dim"
+        ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0) if dim else \
+            v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+        if not ok:
+            raise ValueError(f"must be {'a positive integer' if dim else 'a non-negative number'} or 'auto', "
+                             f"got {v!r}")
+        return v
+
+    @field_validator("proj_dim_grid", "lam_grid")
+    @classmethod
+    def _grid(cls, v, info):
+        if not v or any(x <= 0 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct positive values, got {v!r}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _auto(self):
+        if self.proj_dim == "auto" and self.projector != "dense":
+            raise ValueError("proj_dim: auto needs projector: dense (smaller k are prefixes of the dense "
+                             "projection; the factored plan has no such nesting) -- give the factored projector a "
+                             "proj_dim")
+        return self
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the stored gradient features: proj_dim, or the largest of the grid for auto."""
+        return max(self.proj_dim_grid) if self.proj_dim == "auto" else self.proj_dim
     checkpoint_epochs: list[int] = []   # also featurize each model as it was after these epochs
                                         # (from training.save_epochs): more ensemble members per model
     projector: Literal["dense", "factored"] = "dense"   # kernels/projectors.py

@@ -283,3 +283,30 @@ def test_baselines_and_new_targets_match_their_written_out_scores(tiny):
         pass
     with NpyFile(tmp / "bad.npy") as bad, pytest.raises(Exception, match="bad.npy: target features of shape"):
         score_targets(spec, store, "tiny", bad, tmp / "x.npy", "cpu")
+
+
+def test_auto_projection_dimension_and_ridge_are_chosen_on_held_out_models(tmp_path):
+    """trak.proj_dim/lam: auto -- features at the largest k of the grid, (k, λ) chosen by LDS on a
+    share of the held-out models, LDS of every method reported on the others; the factored
+    projector runs the same lineage with a fixed k."""
+    import json
+
+    spec = {**TINY_CNN, "attack": {"kind": "none"}, "subsets": {"num_models": 16, "num_heldout": 10},
+            "trak": {"num_models": 4, "proj_dim": "auto", "lam": "auto", "proj_dim_grid": [16, 64],
+                     "lam_grid": [0.01, 1.0], "select_fraction": 0.4, "top_k": 5},
+            "detector": {"restarts": 8, "retrain": False}}
+    result, checks, home = run(tmp_path, "auto", spec)
+    assert result.success
+    chosen = json.loads((home / "artifacts" / "auto" / "attribution_scores" / "selection.json").read_text())
+    assert len(chosen["grid"]) == 4 and (chosen["proj_dim"], chosen["lam"]) in {(16, 0.01), (16, 1.0), (64, 0.01),
+                                                                                 (64, 1.0)}
+    assert len(chosen["select_models"]) == 4 and len(chosen["eval_models"]) == 6
+    assert not set(chosen["select_models"]) & set(chosen["eval_models"])
+    assert np.load(home / "artifacts" / "auto" / "gradient_features" / "train.npy", mmap_mode="r").shape[2] == 64
+    assert np.load(home / "artifacts" / "auto" / "attribution_scores" / "train_features.npy",
+                   mmap_mode="r").shape[2] == chosen["proj_dim"]
+    assert q(home, "SELECT DISTINCT n_heldout FROM lds") == [(6,)]
+    fact = {**spec, "trak": {"num_models": 4, "proj_dim": 64, "projector": "factored", "top_k": 5}}
+    result, _, home = run(tmp_path, "factored", fact, home="home2")
+    assert result.success
+    assert q(home, "SELECT count(DISTINCT method) FROM lds") == [(4,)]

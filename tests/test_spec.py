@@ -38,6 +38,12 @@ def test_demo_spec_is_valid():
     ({"detector": {"input": "datamodels", "prepare": "clean_whiten"}}, "detector.prepare",
      "needs TRAK's gradient features"),
     ({"detector": {"search": "everywhere"}}, "detector.search", "per_label"),
+    ({"trak": {"proj_dim": "auto", "projector": "factored"}}, "trak.proj_dim", "auto needs projector: dense"),
+    ({"trak": {"proj_dim": 0}}, "trak.proj_dim", "a positive integer or 'auto'"),
+    ({"trak": {"proj_dim": 2.5}}, "trak.proj_dim", "a positive integer or 'auto'"),
+    ({"trak": {"lam": "big"}}, "trak.lam", "auto"),
+    ({"trak": {"proj_dim_grid": [64, 64]}}, "trak.proj_dim_grid", "distinct positive"),
+    ({"trak": {"projector": "sparse"}}, "trak.projector", "factored"),
 ])
 def test_bad_specs_are_refused_naming_the_key(tmp_path, body, key, words):
     p = _write(tmp_path, "bad", body)

@@ -150,3 +150,27 @@ def test_whitening_by_the_clean_split_lifts_a_direction_clean_data_does_not_vary
     centred = phi - phi_t.mean(0)
     trak = centred @ kernel_inverse(phi, 0.001) @ centred.T
     assert contrast(a) > 10 * contrast(trak) and contrast(a) > 50
+
+
+def test_grid_scores_equal_finalized_scores_at_every_prefix_and_ridge(tmp_path):
+    """One eigendecomposition per member and k gives every λ; the first k columns stand for a
+    k-dimensional projection: the same numbers as finalize_member + score_tiles at (k, λ)."""
+    from kernels.trak import grid_scores
+
+    rng = np.random.default_rng(5)
+    m, n, t, kmax = 2, 50, 9, 12
+    train = NpyFile.create(tmp_path / "train.npy", (m, n, kmax), np.float32)
+    test = NpyFile.create(tmp_path / "test.npy", (m, t, kmax), np.float32)
+    for i in range(m):
+        train.write_rows(i, 0, rng.standard_normal((n, kmax)).astype(np.float32))
+        test.write_rows(i, 0, rng.standard_normal((t, kmax)).astype(np.float32))
+    q = rng.uniform(0.1, 1, n)
+    rows = np.array([1, 4, 8])
+    got = dict(grid_scores(train, test, rows, q, [5, 12], [0.01, 1.0], "cpu", rows=16))
+    assert set(got) == {(5, 0.01), (5, 1.0), (12, 0.01), (12, 1.0)}
+    for (k, lam), scores in got.items():
+        phis = [train.rows(i, 0, n)[:, :k] for i in range(m)]
+        tgts = [test.rows(i, 0, t)[rows, :k] for i in range(m)]
+        ref = trak_scores_reference(phis, tgts, [q] * m, lam)
+        np.testing.assert_allclose(scores, ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max())
+    assert not np.allclose(got[(5, 0.01)], got[(12, 0.01)])
