@@ -47,12 +47,13 @@ def attribution_scores(context: AssetExecutionContext, experiments: ExperimentsR
 @asset(deps=["model_outputs", "subset_masks"], partitions_def=experiments_partitions, group_name=GROUP,
        kinds={"numpy"}, code_version="1")
 def datamodel_weights(context: AssetExecutionContext, experiments: ExperimentsResource,
-                      store: ArtifactStoreResource) -> MaterializeResult:
+                      store: ArtifactStoreResource, compute: ComputeResource) -> MaterializeResult:
     """One sparse linear model per target (LASSO from masks to margins), lambda chosen on held-out models."""
     from ops import attribution
 
     key = context.partition_key
-    summary = attribution.datamodel_weights(experiments.load(key), store.get(), key, context.log.info)
+    summary = attribution.datamodel_weights(experiments.load(key), store.get(), key, context.log.info,
+                                            compute.torch_device())
     return MaterializeResult(metadata=metadata(summary, {"path": store.get().path(key, attribution.DM)}))
 
 

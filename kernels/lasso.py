@@ -294,7 +294,8 @@ def _lipschitz(x: np.ndarray, iters: int = 50) -> float:
 
 def lasso_fista(xs: np.ndarray, yc: np.ndarray, lam: np.ndarray, w0: np.ndarray | None = None,
                 max_iter: int = 2000, tol: float = 1e-7, lipschitz: float | None = None) -> np.ndarray:
-    """FISTA with adaptive restart for all columns of ``yc`` (centered) at per-column ``lam``."""
+    """FISTA with adaptive restart for all columns of ``yc`` (centered) at per-column ``lam``
+    (numpy: the plain reference of ``lasso_fista_torch``)."""
     m, n = xs.shape
     dt = xs.dtype
     yc = np.asarray(yc, dt)
@@ -320,6 +321,39 @@ def lasso_fista(xs: np.ndarray, yc: np.ndarray, lam: np.ndarray, w0: np.ndarray 
         if it % 10 == 9 and np.max(np.abs(delta)) < tol * max(1.0, float(np.max(np.abs(w)))):
             break
     return w
+
+
+def lasso_fista_torch(xs: np.ndarray, yc: np.ndarray, lam: np.ndarray, w0: np.ndarray | None = None,
+                      max_iter: int = 2000, tol: float = 1e-7, lipschitz: float | None = None,
+                      device="cpu") -> np.ndarray:
+    """``lasso_fista`` in torch, on ``device`` (CPU or CUDA): the same iterations, float32."""
+    import torch
+
+    m, n = xs.shape
+    dev = torch.device(device)
+    x = torch.as_tensor(np.asarray(xs, np.float32), device=dev)
+    y = torch.as_tensor(np.asarray(yc, np.float32), device=dev)
+    lam_t = torch.as_tensor(np.broadcast_to(np.asarray(lam, np.float32), (yc.shape[1],)).copy(), device=dev)
+    L = lipschitz or _lipschitz(np.asarray(xs, np.float32))
+    step = 1.0 / L
+    w = torch.zeros(n, yc.shape[1], device=dev) if w0 is None else torch.as_tensor(np.asarray(w0, np.float32),
+                                                                                  device=dev).clone()
+    z, t = w.clone(), 1.0
+    xty = x.T @ y / m
+    thresh = lam_t * step
+    for it in range(max_iter):
+        u = z - step * (x.T @ (x @ z) / m - xty)
+        w_new = torch.sign(u) * torch.clamp(u.abs() - thresh, min=0)
+        delta = w_new - w
+        t_new = 0.5 * (1 + np.sqrt(1 + 4 * t * t))
+        if float(((z - w_new) * delta).sum()) > 0:
+            t_new, z = 1.0, w_new
+        else:
+            z = w_new + ((t - 1) / t_new) * delta
+        w, t = w_new, t_new
+        if it % 10 == 9 and float(delta.abs().max()) < tol * max(1.0, float(w.abs().max())):
+            break
+    return w.cpu().numpy()
 
 
 def duality_gap(xs: np.ndarray, yc: np.ndarray, w: np.ndarray, lam) -> np.ndarray:
@@ -378,23 +412,24 @@ def choose_solver(m: int, n: int) -> str:
     return "cd" if m <= 64 or m >= 2 * n else "fista"
 
 
-def _solve(xs, yc, lam, w0, tol, max_iter, solver):
+def _solve(xs, yc, lam, w0, tol, max_iter, solver, device="cpu"):
     if solver == "cd":
         return lasso_cd(xs, yc, lam, w0=w0, tol=tol)
-    w = lasso_fista(xs.astype(np.float32), yc, lam, w0=None if w0 is None else w0.astype(np.float32),
-                    max_iter=max_iter, tol=1e-5).astype(np.float64)
+    w = lasso_fista_torch(xs, yc, lam, w0=None if w0 is None else w0.astype(np.float32),
+                          max_iter=max_iter, tol=1e-5, device=device).astype(np.float64)
     return w, duality_gap(xs, yc, w, lam), np.full(yc.shape[1], max_iter, np.int64)
 
 
 def fit_datamodels(masks_fit: np.ndarray, y_fit: np.ndarray, masks_val: np.ndarray, y_val: np.ndarray,
                    n_lambdas: int = 20, eps: float = 1e-2, tol: float = 1e-6, memory_mb: float = 512,
                    on_step=None, solver: str = "auto",
-                   max_iter: int = 300) -> DatamodelFit:
+                   max_iter: int = 300, device="cpu") -> DatamodelFit:
     """Regularization path on the fit models, lam per target by validation MSE, refit on both.
 
     Targets are fitted in blocks sized by ``memory_mb`` (the masks themselves are m x n and held
     once).
-    ``on_step(done, total)`` is called after every lam of every block.
+    ``on_step(done, total)`` is called after every lam of every block.  FISTA runs in torch on
+    ``device`` (CPU or CUDA; ``solver: auto`` picks it on CUDA), coordinate descent in numba on the CPU.
     """
     y_fit, y_val = np.asarray(y_fit, np.float64), np.asarray(y_val, np.float64)
     T = y_fit.shape[1]
@@ -405,7 +440,7 @@ def fit_datamodels(masks_fit: np.ndarray, y_fit: np.ndarray, masks_val: np.ndarr
     y_all = np.concatenate([y_fit, y_val])
     m, n = xs.shape
     if solver == "auto":
-        solver = choose_solver(len(x_all), n)
+        solver = "fista" if str(device).startswith("cuda") else choose_solver(len(x_all), n)
     if solver not in ("cd", "fista"):
         raise ValueError(f"unknown solver {solver!r}; choose auto, cd or fista")
     factors = np.geomspace(1.0, eps, n_lambdas)
@@ -429,7 +464,7 @@ def fit_datamodels(masks_fit: np.ndarray, y_fit: np.ndarray, masks_val: np.ndarr
         w = None
         best_w = np.zeros((n, yc.shape[1]))
         for i, f in enumerate(factors):
-            w, g, sw = _solve(xs, yc, lam_max * f, w, tol, max_iter, solver)
+            w, g, sw = _solve(xs, yc, lam_max * f, w, tol, max_iter, solver, device)
             sweeps[blk] += sw
             val_mse[i, blk] = ((xv @ w + ybar - yv) ** 2).mean(0)
             better = val_mse[i, blk] < val_mse[:i, blk].min(0) if i else np.ones(yc.shape[1], bool)
@@ -442,7 +477,7 @@ def fit_datamodels(masks_fit: np.ndarray, y_fit: np.ndarray, masks_val: np.ndarr
         # refit on fit + validation models at the chosen lam (warm start: the chosen path solution)
         ya = y_all[:, blk]
         ybar_a = ya.mean(0)
-        wa, g, sw = _solve(xa, ya - ybar_a, lam[blk], best_w, tol, 2 * max_iter, solver)
+        wa, g, sw = _solve(xa, ya - ybar_a, lam[blk], best_w, tol, 2 * max_iter, solver, device)
         gap[blk], sweeps[blk] = g, sweeps[blk] + sw
         converged[blk] &= g <= tol
         wr = wa / std_a[:, None]

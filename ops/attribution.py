@@ -256,12 +256,12 @@ def _fit_val(spec: Spec, models: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _fit(spec: Spec, masks, margins, fit, val, log: Log, what: str):
+def _fit(spec: Spec, masks, margins, fit, val, log: Log, what: str, device="cpu"):
     t0 = time.perf_counter()
     return fit_datamodels(masks[fit], margins[fit], masks[val], margins[val],
                           n_lambdas=spec.datamodels.n_lambdas, eps=spec.datamodels.eps,
                           tol=spec.datamodels.tol, memory_mb=spec.datamodels.memory_mb,
-                          solver=spec.datamodels.solver, max_iter=spec.datamodels.max_iter,
+                          solver=spec.datamodels.solver, max_iter=spec.datamodels.max_iter, device=str(device),
                           on_step=lambda i, k: log(f"{what}: path step {i}/{k} ({time.perf_counter() - t0:.1f}s)"))
 
 
@@ -277,11 +277,11 @@ def datamodels_train_x_train(spec: Spec, store: ArtifactStore, exp: str, log: Lo
     return np.ascontiguousarray(res.weight.T, np.float64)
 
 
-def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict:
+def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log, device="cpu") -> dict:
     masks, roles, margins = _roles(store, exp)
     fit, val = _fit_val(spec, np.flatnonzero(roles == "train"))
     t0 = time.perf_counter()
-    res = _fit(spec, masks, margins, fit, val, log, "datamodels")
+    res = _fit(spec, masks, margins, fit, val, log, "datamodels", device)
     store.save_npy(exp, DM, "weight.npy", res.weight)      # train x targets
     store.save_npy(exp, DM, "bias.npy", res.bias)
     store.save_npy(exp, DM, "lambda.npy", res.lam)

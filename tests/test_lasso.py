@@ -102,3 +102,19 @@ def test_both_solvers_fit_the_same_datamodels():
     assert cd.converged.all() and np.all(fista.gap < 5e-3)     # FISTA: float32, stops on step size
     with pytest.raises(ValueError, match="solver"):
         fit_datamodels(masks[:180], y[:180], masks[180:], y[180:], solver="newton")
+
+
+def test_torch_fista_takes_the_numpy_iterations():
+    """The torch solver (CPU here, CUDA where present) is the numpy FISTA, iteration for iteration."""
+    from kernels.lasso import duality_gap, lasso_fista, lasso_fista_torch, standardize
+
+    rng = np.random.default_rng(2)
+    masks = rng.random((60, 40)) < 0.5
+    y = masks @ (rng.standard_normal((40, 5)) * (rng.random((40, 5)) < 0.2)) + 0.1 * rng.standard_normal((60, 5))
+    xs, _, _ = standardize(masks)
+    yc = y - y.mean(0)
+    lam = np.full(5, 0.05)
+    ref = lasso_fista(xs.astype(np.float32), yc, lam, max_iter=500, tol=1e-6)
+    got = lasso_fista_torch(xs, yc, lam, max_iter=500, tol=1e-6)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert np.all(duality_gap(xs, yc, got.astype(np.float64), lam) < 1e-3)
