@@ -1,8 +1,9 @@
 """TRAK featurization and scoring, provenance (dense and factored projectors) against traker 0.3.2.
 
-One experiment (Fashion-MNIST, 10,000 training examples, the small CNN, 20 subset models for the
-ensemble and held-out subset models for the LDS) is trained once through provenance's own stages
-into ``--home``; then, on the same trained models, the same k and the same CPU:
+One experiment -- by default experiments/fmnist_lds.yaml (Fashion-MNIST, 10,000 training examples,
+the small CNN, 20 subset models for the ensemble, 64 held-out subset models for the LDS), whose
+models ``./provenance run fmnist_lds`` trains (or this script, through the same stages, when they
+are not there) -- and on its trained models, the same k and the same CPU:
 
 - provenance ``dense`` and ``factored``: featurize train and test with every model (examples/s per
   model, median), finalize and score (seconds), LDS on the held-out models;
@@ -39,11 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results_file import write_results  # noqa: E402
 
-BASE = {"name": "attribution-bench", "seed": 0,
-        "dataset": {"source": "fashion_mnist", "limit_train": 10000, "limit_test": 1000},
-        "model": {"arch": "small_cnn", "hidden": 32},
-        "training": {"epochs": 10, "batch_size": 64, "lr": 0.05},
-        "subsets": {"alpha": 0.5, "num_models": 20, "num_heldout": 60}, "trak": {"num_models": 20}}
 QUICK = {"name": "attribution-bench-quick", "seed": 0,
          "dataset": {"source": "digits", "limit_train": 600, "limit_test": 150},
          "model": {"arch": "mlp", "hidden": 32}, "training": {"epochs": 10, "batch_size": 32},
@@ -51,20 +47,42 @@ QUICK = {"name": "attribution-bench-quick", "seed": 0,
 
 
 def build(spec, store, exp, log):
-    """Data, masks and every model, unless the store holds them for this spec already."""
+    """Data, masks and every model through provenance's stages, unless the experiment's models are
+    collected already (by ``./provenance run``) for this spec's data, masks and recipe."""
     from ops import data as D
     from ops import training as T
 
-    stamp = store.path(exp, "bench_models.json")
-    want = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("trak", "detector", "datamodels")}
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return
+    if store.path(exp, "checkpoints", "models.parquet").exists():
+        try:
+            T._experiment_jobs(spec, store, exp)
+            table = store.load_table(exp, "checkpoints", "models.parquet")
+            if len(table) == spec.subsets.num_models + spec.subsets.num_heldout + 1:
+                return
+        except Exception:  # noqa: BLE001 -- anything off: rebuild through the stages
+            pass
     for stage in (D.raw_dataset, D.training_set, D.loader_files, D.subset_masks):
         stage(spec, store, exp)
     for jobs in T.plan_shards(spec, store, exp, log):
         T.train_shard(spec, store, exp, jobs, torch.device("cpu"), log)
     T.collect_models(spec, store, exp, log)
-    stamp.write_text(json.dumps(want))
+
+
+def interleave(gens: dict) -> dict:
+    """Run generators round-robin, one model each per turn (A B C A B C: the machine's drift falls on
+    every system alike); returns each one's return value."""
+    out, live = {}, dict(gens)
+    while live:
+        for name, g in list(live.items()):
+            try:
+                next(g)
+            except StopIteration as stop:
+                out[name] = stop.value
+                del live[name]
+    return out
+
+
+def run_one(gen):
+    return interleave({"one": gen})["one"]
 
 
 def traker_scores(make_model, members, data, k, half, work, lam, log, time_limit_examples=None):
@@ -88,6 +106,7 @@ def traker_scores(make_model, members, data, k, half, work, lam, log, time_limit
             tr.featurize(batch=(xb, yb), num_samples=len(yb))
         rates.append(n / (time.perf_counter() - t0))
         log(f"traker {'fp16' if half else 'fp32'}: model {mid} featurized at {rates[-1]:.0f} examples/s")
+        yield
         if time_limit_examples is not None:
             shutil.rmtree(save, ignore_errors=True)
             return None, rates, None
@@ -128,6 +147,7 @@ def ours(kind, make_model, members, data, k, seed, lam, work, memory_gb, log):
             test.write_rows(i, r, proj(data.xt[r:r + c], data.yt[r:r + c]).numpy())
         qs.append(batched_out_to_loss(model, state, data.x, data.y, 1024).numpy().astype(np.float64))
         log(f"provenance {kind}: model {i} featurized at {rates[-1]:.0f} examples/s")
+        yield
     t0 = time.perf_counter()
     feats = NpyFile.create(d / "features.npy", (m, n, k), np.float32)
     for i in range(m):
@@ -147,22 +167,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--lam", type=float, default=0.01, help="provenance's trak.lam (relative ridge)")
-    ap.add_argument("--home", default=str(ROOT / "bench" / ".attribution-work"))
+    ap.add_argument("--spec", default=str(ROOT / "experiments" / "fmnist_lds.yaml"))
+    ap.add_argument("--home", default=None, help="artifact store (default: provenance's home, where "
+                    "./provenance run keeps the experiment; --quick: bench/.attribution-work)")
     ap.add_argument("--fp16-examples", type=int, default=500)
     ap.add_argument("--memory-gb", type=float, default=2.0)
     ap.add_argument("--skip-traker", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from kernels.stats import lds
+    from kernels.stats import lds_bootstrap
+
+    def lds(pred, actual):       # (LDS, bootstrap low, high) over held-out models and targets
+        return lds_bootstrap(pred, actual, n_boot=200, seed=0)
     from ops.attribution import _roles
-    from ops.spec import parse_spec
+    from definitions import home
+    from ops.spec import load_spec_file, parse_spec
     from ops.store import ArtifactStore
     from ops.training import Data, load_member, model_factory
 
-    base = copy.deepcopy(QUICK if args.quick else BASE)
+    if args.quick:
+        spec = parse_spec(copy.deepcopy(QUICK))
+        store = ArtifactStore(args.home or ROOT / "bench" / ".attribution-work")
+    else:
+        spec = load_spec_file(args.spec)
+        store = ArtifactStore(args.home or home() / "artifacts")
+    base = spec.model_dump(mode="json")
     k = min(args.k, 256) if args.quick else args.k
-    spec = parse_spec(base)
-    store = ArtifactStore(args.home)
     exp = spec.name
     log = lambda s: print(f"  {s}", flush=True)  # noqa: E731
     build(spec, store, exp, log)
@@ -172,7 +202,7 @@ def main() -> None:
     masks, roles, margins = _roles(store, exp)
     held = np.flatnonzero(roles == "heldout")
     hx, actual = masks[held].astype(np.float64), margins[held]
-    work = Path(args.home) / exp / "bench-tmp"
+    work = store.path(exp, "bench-tmp")
     work.mkdir(parents=True, exist_ok=True)
     n, t, m = len(data.y), len(data.yt), len(members)
     case = f"{spec.dataset.source}-n{n}-{spec.model.arch}-k{k}-M{m}"
@@ -186,52 +216,52 @@ def main() -> None:
         for mm, v in ((m, lds_m), (1, lds_1)):
             if v is not None:
                 rows.append({"case": f"{case}/lds-M{mm}", "system": system, "metric": "lds", "value": v[0],
-                             "ci95": v[1], "runs": 1, "n_heldout": len(held), "n_targets": t})
+                             "ci95": [v[1], v[2]], "runs": 1, "n_heldout": len(held), "n_targets": t})
         table.append((system, rate, score_s, lds_m, lds_1))
 
+    try:
+        import trak  # noqa: F401
+        have_traker = not args.skip_traker
+    except ImportError:
+        have_traker = False
+    gens = {kind: ours(kind, make_model, members, data, k, spec.seed, args.lam, work, args.memory_gb, log)
+            for kind in ("dense", "factored")}
+    if have_traker:
+        gens["traker_fp32"] = traker_scores(make_model, members, data, k, False, work, 0.0, log)
+    done = interleave(gens)
     results = {}
     for kind in ("dense", "factored"):
-        scores, rates, score_s = ours(kind, make_model, members, data, k, spec.seed, args.lam, work,
-                                      args.memory_gb, log)
-        results[kind] = (rates, score_s, lds(hx @ scores[m].T, actual)[:2], lds(hx @ scores[1].T, actual)[:2])
+        scores, rates, score_s = done[kind]
+        results[kind] = (rates, score_s, lds(hx @ scores[m].T, actual)[:3], lds(hx @ scores[1].T, actual)[:3])
         record(f"provenance_{kind}", *results[kind])
-    if args.skip_traker:
+    if not have_traker:
         rows.append({"case": case, "system": "traker_fp32", "metric": "featurize_ex_per_s", "value": None,
-                     "note": "--skip-traker"})
+                     "note": "--skip-traker" if args.skip_traker else "traker is not installed (pip install traker==0.3.2)"})
     else:
-        try:
-            import trak  # noqa: F401
-        except ImportError:
-            trak = None
-        if trak is None:
-            rows.append({"case": case, "system": "traker_fp32", "metric": "featurize_ex_per_s", "value": None,
-                         "note": "traker is not installed (pip install traker==0.3.2)"})
-        else:
-            sc, rates, score_s = traker_scores(make_model, members, data, k, False, work, 0.0, log)
-            sc1, _, _ = traker_scores(make_model, members[:1], data, k, False, work, 0.0, lambda s: None)
-            record("traker_fp32", rates, score_s, lds(hx @ sc.T, actual)[:2], lds(hx @ sc1.T, actual)[:2])
-            _, rates16, _ = traker_scores(make_model, members[:1], data, k, True, work, 0.0, log,
-                                          time_limit_examples=min(n, args.fp16_examples))
-            sc16, _, _ = traker_scores(make_model, members[:1], data, k, True, work, 0.0, log) if args.quick \
-                else (None, None, None)
-            record("traker_fp16", rates16, None, None,
-                   lds(hx @ sc16.T, actual)[:2] if sc16 is not None else None)
-            base_rate = statistics.median(rates)
-            for kind in ("dense", "factored"):
-                ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
-                               "over": "traker_fp32", "value": round(statistics.median(results[kind][0]) / base_rate, 2)})
-                ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
-                               "over": "traker_fp16", "value": round(statistics.median(results[kind][0])
-                                                                     / statistics.median(rates16), 2)})
-                if score_s:
-                    ratios.append({"case": case, "metric": "score_seconds", "of": f"provenance_{kind}",
-                                   "over": "traker_fp32", "value": round(score_s / results[kind][1], 2)})
+        sc, rates, score_s = done["traker_fp32"]
+        sc1, _, _ = run_one(traker_scores(make_model, members[:1], data, k, False, work, 0.0, lambda s: None))
+        record("traker_fp32", rates, score_s, lds(hx @ sc.T, actual)[:3], lds(hx @ sc1.T, actual)[:3])
+        _, rates16, _ = run_one(traker_scores(make_model, members[:1], data, k, True, work, 0.0, log,
+                                              time_limit_examples=min(n, args.fp16_examples)))
+        sc16 = run_one(traker_scores(make_model, members[:1], data, k, True, work, 0.0, log))[0] \
+            if args.quick else None
+        record("traker_fp16", rates16, None, None, lds(hx @ sc16.T, actual)[:3] if sc16 is not None else None)
+        base_rate = statistics.median(rates)
+        for kind in ("dense", "factored"):
+            ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
+                           "over": "traker_fp32", "value": round(statistics.median(results[kind][0]) / base_rate, 2)})
+            ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
+                           "over": "traker_fp16", "value": round(statistics.median(results[kind][0])
+                                                                 / statistics.median(rates16), 2)})
+            if score_s:
+                ratios.append({"case": case, "metric": "score_seconds", "of": f"provenance_{kind}",
+                               "over": "traker_fp32", "value": round(score_s / results[kind][1], 2)})
     shutil.rmtree(work, ignore_errors=True)
     print(f"\n{case}: {len(held)} held-out models, {t} targets")
-    print(f"{'system':<22}{'featurize ex/s':>16}{'score s':>10}{f'LDS (M={m})':>18}{'LDS (M=1)':>18}")
+    print(f"{'system':<22}{'featurize ex/s':>16}{'score s':>10}{f'LDS (M={m})':>22}{'LDS (M=1)':>22}")
     for system, rate, score_s, l_m, l_1 in table:
-        fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if v else "-"  # noqa: E731
-        print(f"{system:<22}{rate:>16.0f}{(f'{score_s:.1f}' if score_s else '-'):>10}{fmt(l_m):>18}{fmt(l_1):>18}")
+        fmt = lambda v: f"{v[0]:.3f} [{v[1]:.2f},{v[2]:.2f}]" if v else "-"  # noqa: E731
+        print(f"{system:<22}{rate:>16.0f}{(f'{score_s:.1f}' if score_s else '-'):>10}{fmt(l_m):>22}{fmt(l_1):>22}")
     for r in ratios:
         print(f"  {r['of']} / {r['over']} ({r['metric']}): {r['value']}")
     write_results("attribution", {"spec": base, "k": k, "lam_provenance": args.lam, "lambda_reg_traker": 0.0,
