@@ -173,6 +173,9 @@ def main() -> None:
     ap.add_argument("--fp16-examples", type=int, default=500)
     ap.add_argument("--memory-gb", type=float, default=2.0)
     ap.add_argument("--skip-traker", action="store_true")
+    ap.add_argument("--fp16-lds", action="store_true",
+                    help="also featurize one model's whole training set with traker's fp16 for its LDS "
+                         "(slow on a CPU; always done with --quick)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     from kernels.stats import lds_bootstrap
@@ -244,7 +247,7 @@ def main() -> None:
         _, rates16, _ = run_one(traker_scores(make_model, members[:1], data, k, True, work, 0.0, log,
                                               time_limit_examples=min(n, args.fp16_examples)))
         sc16 = run_one(traker_scores(make_model, members[:1], data, k, True, work, 0.0, log))[0] \
-            if args.quick else None
+            if args.quick or args.fp16_lds else None
         record("traker_fp16", rates16, None, None, lds(hx @ sc16.T, actual)[:3] if sc16 is not None else None)
         base_rate = statistics.median(rates)
         for kind in ("dense", "factored"):
