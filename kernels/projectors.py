@@ -247,25 +247,24 @@ class FactoredProjector:
 
     # per-layer pieces
     def _project_input(self, lp: LayerPlan, m: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        """(A P_in) with positions last: [B, k_in, T]."""
+        """(A P_in) with positions in the middle: [B, T, k_in] (contiguous for channels-last input)."""
         if isinstance(m, nn.Linear):
             a = a.reshape(a.shape[0], -1, lp.d_in)                            # [B, T, d_in]
-            ap = a @ self.p_in[lp.name] if lp.name in self.p_in else a
-            return ap.transpose(1, 2)
+            return a @ self.p_in[lp.name] if lp.name in self.p_in else a
         # a convolution with k_in filters (identity filters where the input is not projected:
         # oneDNN's convolution is faster than unfolding the patches)
         p_in = self.p_in[lp.name] if lp.name in self.p_in else torch.eye(lp.d_in, device=a.device)
         w = p_in.T.reshape(lp.k_in, m.in_channels, *m.kernel_size)
-        return F.conv2d(a, w, None, m.stride, m.padding, m.dilation).flatten(2)
+        out = F.conv2d(a, w, None, m.stride, m.padding, m.dilation)            # [B, k_in, H', W']
+        return out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, lp.k_in)
 
     def _project_output(self, lp: LayerPlan, m: nn.Module, d: torch.Tensor) -> torch.Tensor:
-        """(Δ P_out) with positions last: [B, k_out, T]."""
+        """(Δ P_out) with positions in the middle: [B, T, k_out]."""
         if isinstance(m, nn.Linear):
             d = d.reshape(d.shape[0], -1, lp.d_out)
-            dp = d @ self.p_out[lp.name] if lp.name in self.p_out else d
-            return dp.transpose(1, 2)
-        d = d.flatten(2)                                                       # [B, c_out, T]
-        return torch.einsum("bct,ck->bkt", d, self.p_out[lp.name]) if lp.name in self.p_out else d
+        else:
+            d = d.permute(0, 2, 3, 1).reshape(d.shape[0], -1, lp.d_out)       # [B, T, c_out]
+        return d @ self.p_out[lp.name] if lp.name in self.p_out else d
 
     def chunk(self, x: torch.Tensor) -> int:
         if self._chunk is None:
@@ -329,7 +328,7 @@ class FactoredProjector:
             for kk in keys:
                 a = self._project_input(lp, m, saved[kk])
                 d = self._project_output(lp, m, grads[kk])
-                phi = torch.bmm(d, a.transpose(1, 2)).reshape(b, -1)     # [B, k_out * k_in]
+                phi = torch.bmm(d.transpose(1, 2), a).reshape(b, -1)     # [B, k_out * k_in]
                 acc = phi if acc is None else acc + phi
             parts.append(acc)
         if self.rest_matrix is not None:
