@@ -163,6 +163,67 @@ def ours(kind, make_model, members, data, k, seed, lam, work, memory_gb, log):
     return out, rates, score_s
 
 
+def throughput(args) -> None:
+    """Featurization examples/s only, on the trained models of an existing experiment (any home):
+    ``--models`` models x ``--examples`` training examples per system, interleaved model by model."""
+    from ops.spec import parse_spec
+    from ops.store import ArtifactStore
+    from ops.training import Data, load_member, model_factory
+    from trak import TRAKer
+
+    spec = parse_spec({"name": args.experiment, "model": {"arch": args.arch, "hidden": args.hidden}})
+    store = ArtifactStore(args.home)
+    make_model, meta = model_factory(spec, store, args.experiment)
+    data = Data(store, args.experiment, torch.device("cpu"), norm=json.loads(meta["norm"]))
+    x, y = data.x[:args.examples], data.y[:args.examples]
+    members = [load_member(spec, store, args.experiment, i) for i in range(args.models)]
+    work = Path(tempfile.mkdtemp(prefix="attr-throughput-"))
+    from kernels.projectors import make_projector
+
+    def ours_rate(kind, i, state):
+        t0 = time.perf_counter()
+        proj = make_projector(kind, make_model(), state, args.k, i, args.memory_gb * 2**30, "cpu")
+        c = proj.chunk(x)
+        for r in range(0, len(x), c):
+            proj(x[r:r + c], y[r:r + c])
+        return len(x) / (time.perf_counter() - t0)
+
+    def traker_rate(tr, i, state, count):
+        tr.load_checkpoint(state, model_id=i)
+        t0 = time.perf_counter()
+        for r in range(0, count, 100):
+            tr.featurize(batch=(x[r:min(count, r + 100)], y[r:min(count, r + 100)]), num_samples=len(y[r:min(count, r + 100)]))
+        return count / (time.perf_counter() - t0)
+
+    tr32 = TRAKer(model=make_model().eval(), task="image_classification", train_set_size=len(x),
+                  save_dir=str(work / "fp32"), device="cpu", proj_dim=args.k, use_half_precision=False, logging_level=40)
+    rates = {"provenance_dense": [], "provenance_factored": [], "traker_fp32": []}
+    for i, state in enumerate(members):
+        rates["provenance_dense"].append(ours_rate("dense", i, state))
+        rates["provenance_factored"].append(ours_rate("factored", i, state))
+        rates["traker_fp32"].append(traker_rate(tr32, i, state, len(x)))
+        print("  model", i, {k: round(v[-1]) for k, v in rates.items()}, flush=True)
+    n16 = min(len(x), args.fp16_examples)
+    tr16 = TRAKer(model=make_model().eval(), task="image_classification", train_set_size=n16,
+                  save_dir=str(work / "fp16"), device="cpu", proj_dim=args.k, use_half_precision=True, logging_level=40)
+    rates["traker_fp16"] = [traker_rate(tr16, 0, members[0], n16)]
+    shutil.rmtree(work, ignore_errors=True)
+    case = f"{args.experiment}-{args.arch}{args.hidden}-k{args.k}-throughput"
+    rows = [{"case": case, "system": k, "metric": "featurize_ex_per_s", "value": statistics.median(v), "runs": len(v)}
+            for k, v in rates.items()]
+    ratios = [{"case": case, "metric": "featurize_ex_per_s", "of": a, "over": b,
+               "value": round(statistics.median(rates[a]) / statistics.median(rates[b]), 2)}
+              for a in ("provenance_dense", "provenance_factored") for b in ("traker_fp32", "traker_fp16")]
+    print(f"\n{case}: {args.models} models x {len(x)} examples (traker fp16: 1 model x {n16})")
+    for r in rows:
+        print(f"{r['system']:<22}{r['value']:>10.0f} examples/s")
+    for r in ratios:
+        print(f"  {r['of']} / {r['over']}: {r['value']}")
+    write_results("attribution", {"experiment": args.experiment, "home": str(args.home), "k": args.k,
+                                  "models": args.models, "examples": len(x), "memory_gb": args.memory_gb},
+                  rows, ratios, tag="-throughput")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=2048)
@@ -177,7 +238,18 @@ def main() -> None:
                     help="also featurize one model's whole training set with traker's fp16 for its LDS "
                          "(slow on a CPU; always done with --quick)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="featurization examples/s only, on an existing experiment's models (--experiment, --home, "
+                         "--arch, --hidden, --models, --examples); writes bench/results/attribution-throughput.json")
+    ap.add_argument("--experiment", default="clean-s0")
+    ap.add_argument("--arch", default="small_cnn")
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--examples", type=int, default=2000)
     args = ap.parse_args()
+    if args.throughput_only:
+        args.home = args.home or str(ROOT / "bench" / ".backdoor-work")
+        return throughput(args)
     from kernels.stats import lds_bootstrap
 
     def lds(pred, actual):       # (LDS, bootstrap low, high) over held-out models and targets
