@@ -123,7 +123,7 @@ def traker_scores(make_model, members, data, k, half, work, lam, log, time_limit
     return scores, rates, score_s
 
 
-def ours(kind, make_model, members, data, k, seed, lam, work, memory_gb, log):
+def ours(kind, make_model, members, data, k, seed, lam, work, memory_gb, log, allocation="params"):
     """provenance's features through kernels/projectors.py and scores through the tiled kernels."""
     from kernels.npyio import NpyFile
     from kernels.projectors import batched_out_to_loss, make_projector
@@ -138,7 +138,7 @@ def ours(kind, make_model, members, data, k, seed, lam, work, memory_gb, log):
     rates = []
     for i, state in enumerate(members):
         t0 = time.perf_counter()
-        proj = make_projector(kind, model, state, k, seed * 100_003 + i, memory_gb * 2**30, "cpu")
+        proj = make_projector(kind, model, state, k, seed * 100_003 + i, memory_gb * 2**30, "cpu", allocation)
         c = proj.chunk(data.x)
         for r in range(0, n, c):
             train.write_rows(i, r, proj(data.x[r:r + c], data.y[r:r + c]).numpy())
@@ -234,17 +234,23 @@ def main() -> None:
     ap.add_argument("--fp16-examples", type=int, default=500)
     ap.add_argument("--memory-gb", type=float, default=2.0)
     ap.add_argument("--skip-traker", action="store_true")
+    ap.add_argument("--systems", nargs="+", default=["dense", "factored", "traker"])
+    ap.add_argument("--allocation", default="params", choices=["params", "uniform"],
+                    help="how the factored projector splits k between layers")
     ap.add_argument("--fp16-lds", action="store_true",
                     help="also featurize one model's whole training set with traker's fp16 for its LDS "
                          "(slow on a CPU; always done with --quick)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the results file (bench/results/attribution<tag>.json)")
     ap.add_argument("--throughput-only", action="store_true",
                     help="featurization examples/s only, on an existing experiment's models (--experiment, --home, "
                          "--arch, --hidden, --models, --examples); writes bench/results/attribution-throughput.json")
     ap.add_argument("--experiment", default="clean-s0")
     ap.add_argument("--arch", default="small_cnn")
     ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--models", type=int, default=3, help="--throughput-only: models timed")
+    ap.add_argument("--members", type=int, default=None,
+                    help="ensemble size (default: the spec's trak.num_models)")
     ap.add_argument("--examples", type=int, default=2000)
     args = ap.parse_args()
     if args.throughput_only:
@@ -273,7 +279,7 @@ def main() -> None:
     build(spec, store, exp, log)
     make_model, meta = model_factory(spec, store, exp)
     data = Data(store, exp, torch.device("cpu"), norm=json.loads(meta["norm"]))
-    members = [load_member(spec, store, exp, i) for i in range(spec.trak.num_models)]
+    members = [load_member(spec, store, exp, i) for i in range(args.members or spec.trak.num_models)]
     masks, roles, margins = _roles(store, exp)
     held = np.flatnonzero(roles == "heldout")
     hx, actual = masks[held].astype(np.float64), margins[held]
@@ -296,16 +302,17 @@ def main() -> None:
 
     try:
         import trak  # noqa: F401
-        have_traker = not args.skip_traker
+        have_traker = not args.skip_traker and "traker" in args.systems
     except ImportError:
         have_traker = False
-    gens = {kind: ours(kind, make_model, members, data, k, spec.seed, args.lam, work, args.memory_gb, log)
-            for kind in ("dense", "factored")}
+    kinds = [s for s in args.systems if s in ("dense", "factored")]
+    gens = {kind: ours(kind, make_model, members, data, k, spec.seed, args.lam, work, args.memory_gb, log,
+                       args.allocation) for kind in kinds}
     if have_traker:
         gens["traker_fp32"] = traker_scores(make_model, members, data, k, False, work, 0.0, log)
     done = interleave(gens)
     results = {}
-    for kind in ("dense", "factored"):
+    for kind in kinds:
         scores, rates, score_s = done[kind]
         results[kind] = (rates, score_s, lds(hx @ scores[m].T, actual)[:3], lds(hx @ scores[1].T, actual)[:3])
         record(f"provenance_{kind}", *results[kind])
@@ -322,7 +329,7 @@ def main() -> None:
             if args.quick or args.fp16_lds else None
         record("traker_fp16", rates16, None, None, lds(hx @ sc16.T, actual)[:3] if sc16 is not None else None)
         base_rate = statistics.median(rates)
-        for kind in ("dense", "factored"):
+        for kind in kinds:
             ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
                            "over": "traker_fp32", "value": round(statistics.median(results[kind][0]) / base_rate, 2)})
             ratios.append({"case": case, "metric": "featurize_ex_per_s", "of": f"provenance_{kind}",
@@ -339,9 +346,9 @@ def main() -> None:
         print(f"{system:<22}{rate:>16.0f}{(f'{score_s:.1f}' if score_s else '-'):>10}{fmt(l_m):>22}{fmt(l_1):>22}")
     for r in ratios:
         print(f"  {r['of']} / {r['over']} ({r['metric']}): {r['value']}")
-    write_results("attribution", {"spec": base, "k": k, "lam_provenance": args.lam, "lambda_reg_traker": 0.0,
+    write_results("attribution", {"spec": base, "k": k, "members": m, "lam_provenance": args.lam, "lambda_reg_traker": 0.0,
                                   "fp16_examples": args.fp16_examples, "memory_gb": args.memory_gb},
-                  rows, ratios, quick=args.quick)
+                  rows, ratios, quick=args.quick, tag=args.tag)
 
 
 if __name__ == "__main__":

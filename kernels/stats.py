@@ -39,8 +39,9 @@ def lds_bootstrap(pred: np.ndarray, actual: np.ndarray, n_boot: int = 500, seed:
     Each replicate draws the held-out models (rows) and the targets (columns) with replacement and
     takes the mean over the drawn targets of the Spearman rho across the drawn models, so the
     interval carries both sources of variance (a normal interval over targets alone leaves out the
-    models').  Returns (LDS on all data, low, high, per-target rho); a target whose prediction or
-    margin is constant over the drawn models counts 0, as in ``lds``.
+    models').  The percentiles are shifted by the replicates' mean bias (duplicated models tie
+    ranks and pull ρ down).  Returns (LDS on all data, low, high, per-target rho); a target whose
+    prediction or margin is constant over the drawn models counts 0, as in ``lds``.
     """
     pred, actual = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
     value, _, rho = lds(pred, actual)
@@ -52,7 +53,11 @@ def lds_bootstrap(pred: np.ndarray, actual: np.ndarray, n_boot: int = 500, seed:
         it = rng.integers(0, t, t)
         r = np.nan_to_num(spearman_columns(pred[im], actual[im]), nan=0.0)
         reps[b] = r[it].mean()
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    # drawing models with replacement ties their ranks and pulls every replicate's ρ down (on
+    # Fashion-MNIST by ~0.015, the estimate sat at the top of the plain percentile interval): shift
+    # the percentiles by the replicates' bias, mean(reps) - value
+    bias = reps.mean() - value
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) - bias
     return value, float(lo), float(hi), rho
 
 
@@ -69,7 +74,9 @@ def lds_bootstrap_reference(pred, actual, n_boot: int = 500, seed: int = 0, leve
             a, b = pred[im, j], actual[im, j]
             vals.append(0.0 if a.std() == 0 or b.std() == 0 else spearmanr(a, b).statistic)
         reps.append(np.mean(vals))
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    value = np.mean([0.0 if pred[:, j].std() == 0 or actual[:, j].std() == 0
+                     else spearmanr(pred[:, j], actual[:, j]).statistic for j in range(t)])
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) - (np.mean(reps) - value)
     return float(lo), float(hi)
 
 

@@ -12,8 +12,8 @@ import torch
 
 from kernels.lasso import fit_datamodels
 from kernels.npyio import NpyFile
-from kernels.stats import lds, lds_bootstrap
 from kernels.projectors import batched_out_to_loss, make_projector
+from kernels.stats import lds, lds_bootstrap
 from kernels.trak import finalize_member, grid_scores, score_tiles
 from ops.data import MASKS
 from ops.spec import Spec
