@@ -279,7 +279,7 @@ def test_baselines_and_new_targets_match_their_written_out_scores(tiny):
         assert score_targets(spec, store, "tiny", new, tmp / "new_scores.npy", "cpu") == (3, 300)
     full = np.load(store.path("tiny", "attribution_scores", "test_x_train.npy"))
     np.testing.assert_allclose(np.load(tmp / "new_scores.npy"), full[rows], rtol=1e-4, atol=1e-5 * np.abs(full).max())
-    with NpyFile.create(tmp / "bad.npy", (len(train), 2, train.shape[2] + 1), np.float32) as bad:
+    with NpyFile.create(tmp / "bad.npy", (len(train), 2, train.shape[2] - 1), np.float32) as bad:   # narrower than k
         pass
     with NpyFile(tmp / "bad.npy") as bad, pytest.raises(Exception, match="bad.npy: target features of shape"):
         score_targets(spec, store, "tiny", bad, tmp / "x.npy", "cpu")
