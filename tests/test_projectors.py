@@ -137,3 +137,31 @@ def test_npy_blocks_round_trip_and_open_as_numpy(tmp_path):
     (tmp_path / "x.npy").write_bytes(b"not an array at all")
     with pytest.raises(ValueError, match="x.npy: not a .npy file"):
         NpyFile(tmp_path / "x.npy")
+
+
+def test_factored_plans_fill_exactly_k_and_never_exceed_a_layer():
+    """Any stack of Linear layers and any k that fits: the layers' k_in * k_out plus the dense part
+    never exceed k, each factor stays within its layer, and the features have exactly k columns."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(1, 300), min_size=2, max_size=6), st.integers(8, 3000),
+           st.sampled_from(["params", "uniform"]))
+    def check(widths, k, allocation):
+        model = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+        layers = len(widths) - 1
+        if k < layers + min(k // 8, sum(widths[1:])):
+            with pytest.raises(ValueError, match="too small"):
+                plan_factored(model, k, allocation)
+            return
+        plan = plan_factored(model, k, allocation)
+        assert plan.k_factored + plan.k_rest <= k
+        assert all(1 <= lp.k_in <= lp.d_in and 1 <= lp.k_out <= lp.d_out for lp in plan.layers)
+        assert plan.k_rest <= plan.p_rest
+
+    check()
+    m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    params = {k: v.clone() for k, v in m.state_dict().items()}
+    out = FactoredProjector(m, params, 50, 0, 1e6, "cpu")(torch.randn(4, 5), torch.tensor([0, 1, 2, 0]))
+    assert out.shape == (4, 50)
