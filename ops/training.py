@@ -266,30 +266,6 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
             "full_attack_success": float(full["attack_success_rate"]), "chance": 1.0 / n_cls}
 
 
-def load_snapshot(spec: Spec, store: ArtifactStore, exp: str, epoch: int) -> dict[str, torch.Tensor]:
-    """The experiment's models as they were after ``epoch`` (training.save_epochs), stacked."""
-    name = f"models-epoch{epoch}.safetensors"
-    if not store.path(exp, CKPT, name).exists():
-        raise ArtifactError(f"{store.path(exp, CKPT, name)} is missing: training.save_epochs must include {epoch} "
-                            f"when the checkpoints are made; re-materialize checkpoints")
-    return store.load_tensors(exp, CKPT, name)[0]
-
-
-def load_models(spec: Spec, store: ArtifactStore, exp: str):
-    """(make_model, stacked params, metadata); refuses checkpoints of another architecture."""
-    params, meta = store.load_tensors(exp, CKPT, "models.safetensors")
-    if meta.get("arch") != spec.model.arch or int(meta.get("hidden", -1)) != spec.model.hidden:
-        raise ArtifactError(f"{store.path(exp, CKPT, 'models.safetensors')} holds {meta.get('arch')} "
-                            f"(hidden={meta.get('hidden')}) models but the spec asks for {spec.model.arch} "
-                            f"(hidden={spec.model.hidden}): re-materialize checkpoints")
-    make_model = make_model_fn(spec, json.loads(meta["in_shape"]), int(meta["num_classes"]))
-    expected = {k: tuple(v.shape) for k, v in make_model().state_dict().items()}
-    got = {k: tuple(v.shape[1:]) for k, v in params.items()}
-    if expected != got:
-        raise ArtifactError(f"checkpoint parameters {got} do not match the model {expected}")
-    return make_model, params, meta
-
-
 def model_factory(spec: Spec, store: ArtifactStore, exp: str):
     """(make_model, metadata) of the stacked checkpoint, its tensors' shapes checked against the
     model's without loading them; refuses checkpoints of another architecture."""

@@ -215,15 +215,20 @@ def test_refused_spec_writes_nothing(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tiny):
     from ops.spec import parse_spec
     from ops.store import ArtifactError, ArtifactStore
-    from ops.training import load_models
+    from ops.training import load_member, model_factory
 
     _, _, home = tiny
     store = ArtifactStore(home / "artifacts")
-    make_model, params, meta = load_models(parse_spec({**TINY, "name": "tiny"}), store, "tiny")
-    assert meta["arch"] == "mlp" and next(iter(params.values())).shape[0] == 33
+    spec = parse_spec({**TINY, "name": "tiny"})
+    make_model, meta = model_factory(spec, store, "tiny")
+    assert meta["arch"] == "mlp" and meta["models"] == "33"
+    one = load_member(spec, store, "tiny", 32)
+    assert {k: tuple(v.shape) for k, v in one.items()} == {k: tuple(v.shape) for k, v in make_model().state_dict().items()}
+    with pytest.raises(ArtifactError, match="holds 33 models; model 33"):
+        load_member(spec, store, "tiny", 33)
     other = parse_spec({**TINY, "name": "tiny", "model": {"arch": "mlp", "hidden": 64}})
     with pytest.raises(ArtifactError, match="holds mlp \\(hidden=32\\) models but the spec asks for mlp \\(hidden=64\\)"):
-        load_models(other, store, "tiny")
+        model_factory(other, store, "tiny")
 
 
 def _training_run(tmp_path, spec):
