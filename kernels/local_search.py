@@ -41,8 +41,16 @@ PREPARATIONS = ("paper", "divide_q_center", "divide_q_double_center", "divide_q_
 SCORES = ("membership", "support")
 
 
+def real_matrix(a) -> np.ndarray:
+    """``a`` as an array of its own float32/float64 precision (anything else as float64).  The
+    detector's n x n matrices are float32 (at n = 50,000 one is 10 GB; float64 would be 20 GB);
+    every sum over a row or a set is accumulated in float64."""
+    a = np.asarray(a)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)
+
+
 def q_free(tau_train: np.ndarray, q_mean: np.ndarray) -> np.ndarray:
-    """TRAK's train x train scores with the out-to-loss weight Q divided back out (float64, n x n).
+    """TRAK's train x train scores with the out-to-loss weight Q divided back out (float32, n x n).
 
     tau[i, j] = K_ij * q_j with K the (symmetric) kernel of the gradient features, so the result
     is K.  A column whose Q is 0 (the model fits that example to float precision: the column is
@@ -50,7 +58,7 @@ def q_free(tau_train: np.ndarray, q_mean: np.ndarray) -> np.ndarray:
     stays 0); the diagonal is zeroed.
     """
     q = np.asarray(q_mean, np.float64)
-    k = np.array(tau_train, np.float64)
+    k = np.array(tau_train, np.float32)
     if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] != len(q):
         raise ValueError(f"the influence matrix must be n x n for the {len(q)} values of Q, got shape {k.shape}")
     zero = q <= 0
@@ -128,13 +136,20 @@ def double_center_label_blocks(a: np.ndarray, labels: np.ndarray) -> np.ndarray:
     counts = onehot.sum(0)
     same = onehot                                      # [i, c] = 1 if i has label c
     row_cnt = counts[None, :] - same                   # sources of label c other than i
-    row_mean = (a @ onehot) / np.maximum(row_cnt, 1)   # [i, c]
-    col_mean = (onehot.T @ a) / np.maximum(row_cnt.T, 1)   # [c, j]
+    a_h, h_a = np.zeros((len(y), len(classes))), np.zeros((len(classes), len(y)))
+    for i0 in range(0, len(y), 1024):                  # in float64, a row block at a time
+        blk = a[i0:i0 + 1024].astype(np.float64)
+        a_h[i0:i0 + 1024] = blk @ onehot
+        h_a += onehot[i0:i0 + 1024].T @ blk
+    row_mean = a_h / np.maximum(row_cnt, 1)            # [i, c]
+    col_mean = h_a / np.maximum(row_cnt.T, 1)          # [c, j]
     blk_cnt = counts[:, None] * counts[None, :] - np.diag(counts)
-    blk_mean = (onehot.T @ a @ onehot) / np.maximum(blk_cnt, 1)
-    a -= row_mean[:, y]
-    a -= col_mean[y, :]
-    a += blk_mean[np.ix_(y, y)]
+    blk_mean = (onehot.T @ a_h) / np.maximum(blk_cnt, 1)
+    for i0 in range(0, len(y), 1024):                 # row blocks: no n x n temporary
+        i1 = min(len(y), i0 + 1024)
+        a[i0:i1] -= row_mean[i0:i1][:, y]
+        a[i0:i1] -= col_mean[y[i0:i1], :]
+        a[i0:i1] += blk_mean[y[i0:i1]][:, y]
     np.fill_diagonal(a, 0.0)
     return a
 
@@ -191,7 +206,7 @@ def influence_matrix(tau_train: np.ndarray, q_mean: np.ndarray, labels: np.ndarr
         if references is None:
             raise ValueError("divide_q_test_center needs the label means' effects (references=(R, B))")
         return center_at_references(a, labels, *references)
-    a = np.array(tau_train, np.float64)
+    a = np.array(tau_train, np.float32)
     np.fill_diagonal(a, 0.0)
     if how == "paper":
         return a
@@ -211,12 +226,12 @@ def default_sizes(n: int) -> list[int]:
 
 def prepare(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """B = A + Aᵀ with zero diagonal, and r = row sums of A without its diagonal (A is not changed)."""
-    a = np.asarray(a, np.float64)
+    a = real_matrix(a)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"the influence matrix must be square, got shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError("the influence matrix has non-finite entries")
-    r = a.sum(1) - np.diag(a)
+    r = a.sum(1, dtype=np.float64) - np.diag(a)
     b = a + a.T
     np.fill_diagonal(b, 0.0)
     return b, r
@@ -326,7 +341,7 @@ def search_reference(b, d, init, swaps=100, max_passes=100) -> np.ndarray:
         ins = sel0.copy()
         for _ in range(max_passes):
             s = ins.copy()
-            cc = b[s].sum(0) if s.any() else np.zeros(len(b))
+            cc = b[s].sum(0, dtype=np.float64) if s.any() else np.zeros(len(b))
             tabu = np.zeros(len(b), bool)
             cum, best, moves = 0.0, 0.0, []
             best_t = 0
@@ -356,7 +371,7 @@ def search_reference(b, d, init, swaps=100, max_passes=100) -> np.ndarray:
 def objective(b: np.ndarray, d: np.ndarray, sel: np.ndarray) -> float:
     """f(S) = sum_{i<j in S} B_ij + sum_{i in S} d_i  (= sum_{i!=j} A_ij - (k/n) sum r_i)."""
     idx = np.flatnonzero(sel)
-    return float(b[np.ix_(idx, idx)].sum() / 2 + d[idx].sum())
+    return float(b[np.ix_(idx, idx)].sum(dtype=np.float64) / 2 + d[idx].sum())
 
 
 def initial_sets(n: int, k: int, restarts: int, rng: np.random.Generator) -> np.ndarray:
@@ -416,7 +431,7 @@ def strongest_feature_membership(a: np.ndarray, sizes: list[int] | None = None, 
         g = search_membership(a, sizes, on_size=on_size, **kw)
         return {"global": g} if parts else g
     labels = np.asarray(labels)
-    a = np.asarray(a, np.float64)
+    a = real_matrix(a)
     out = {}
     member = np.zeros(len(a))
     classes = np.unique(labels)

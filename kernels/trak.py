@@ -160,8 +160,9 @@ def clean_whitened_kernel(members, labels: np.ndarray, test_labels: np.ndarray, 
     TRAK's kernel whitens by the *training* features, poisons included, so a direction many
     poisons share is scaled down by their own variance; whitened by the clean split instead, a
     direction that clean examples do not vary along (a trigger) stands out (docs/decisions.md).
-    Every label needs at least one test example.  Memory: A and T, plus one member's features;
-    A is accumulated ``rows`` rows at a time (no second n x n temporary).
+    Every label needs at least one test example.  Memory: A and T, stored in float32 (each term
+    is computed in float64), plus one member's features; both are accumulated ``rows`` rows at a
+    time (no second n x n temporary, and nothing n x n in float64).
     """
     labels = np.asarray(labels)
     test_labels = np.asarray(test_labels)
@@ -176,8 +177,9 @@ def clean_whitened_kernel(members, labels: np.ndarray, test_labels: np.ndarray, 
     onehot = (yt[None, :] == np.arange(len(classes))[:, None]).astype(np.float64)
     means = onehot / onehot.sum(1, keepdims=True)                       # C x t
     n, t = len(labels), len(test_labels)
-    a = np.zeros((n, n))
-    tk = np.zeros((t, n))
+    a = np.zeros((n, n), np.float32)       # float32 storage; every product is taken in float64
+    tk = np.zeros((t, n), np.float32)
+    rows = max(1, min(rows, 2**25 // max(1, n)))     # the float64 row block stays within 256 MB
     count = 0
     for phi, phi_t in members:
         phi_t = np.asarray(phi_t, np.float64)
@@ -193,7 +195,8 @@ def clean_whitened_kernel(members, labels: np.ndarray, test_labels: np.ndarray, 
         pw = p @ w
         for i0 in range(0, n, rows):
             a[i0:i0 + rows] += pw[i0:i0 + rows] @ p.T
-        tk += (pt @ w) @ p.T
+        for s0 in range(0, t, rows):
+            tk[s0:s0 + rows] += (pt[s0:s0 + rows] @ w) @ p.T
         count += 1
     if not count:
         raise ValueError("no ensemble member was given")

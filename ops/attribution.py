@@ -269,12 +269,12 @@ def datamodels_train_x_train(spec: Spec, store: ArtifactStore, exp: str, log: Lo
     """Datamodels whose targets are the training examples (the strongest-feature paper's input):
     every training example's margin across all subset models regressed on the masks, its own mask
     column included (it takes the effect of being trained on).  Rows = targets, columns = training
-    examples, float64 n x n; the diagonal is that self effect."""
+    examples, float32 n x n (as the fit stores its weights); the diagonal is that self effect."""
     masks = np.asarray(store.load_npy(exp, MASKS, "masks.npy"))
     margins = np.asarray(store.load_npy(exp, "model_outputs", "margins_train.npy"))[: len(masks)]
     fit, val = _fit_val(spec, np.arange(len(masks)))
     res = _fit(spec, masks, margins, fit, val, log, "datamodels (train x train)")
-    return np.ascontiguousarray(res.weight.T, np.float64)
+    return np.ascontiguousarray(res.weight.T, np.float32)
 
 
 def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log, device="cpu") -> dict:

@@ -110,6 +110,21 @@ class ArtifactStore:
                       metadata={k: str(v) for k, v in metadata.items()})
         return self.path(experiment, asset, name)
 
+    def stack_tensors(self, experiment: str, asset: str, name: str, sources: list[str], metadata: Mapping[str, str],
+                      keys=None, expect=None, on_source=None) -> Path:
+        """Write ``name`` with the tensors of the ``sources`` (files of the same asset) stacked along a
+        new first axis, streaming one tensor at a time (kernels/stacked.py); a source of another
+        layout is refused with an ArtifactError naming it."""
+        from kernels.stacked import StackError, write_stacked
+
+        paths = [self.require(experiment, asset, s) for s in sources]
+        with self.atomic(experiment, asset, name) as tmp:
+            try:
+                write_stacked(paths, tmp, metadata, keys=keys, expect=expect, on_source=on_source)
+            except StackError as e:
+                raise ArtifactError(str(e)) from None
+        return self.path(experiment, asset, name)
+
     def tensor_metadata(self, experiment: str, asset: str, name: str) -> dict:
         """A safetensors file's metadata, read from its header without loading tensors."""
         from safetensors import safe_open

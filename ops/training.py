@@ -129,7 +129,7 @@ def _jobs(spec: Spec, masks: np.ndarray, digest: str) -> list[dict]:
         mask = hashlib.sha256(np.packbits(row).tobytes()).hexdigest()[:16]
         seed = model_seed(spec, i)
         jobs.append({"model_id": i, "role": role, "mask_index": i if i < m_all else None, "seed": seed,
-                     "size": int(row.sum()), "recipe_hash": rh, "data_digest": digest,
+                     "size": int(row.sum()), "recipe_hash": rh, "data_digest": digest, "mask_digest": mask,
                      "file": f"models/{rh}/{digest}/{mask}-{seed}.safetensors"})
     return jobs
 
@@ -138,27 +138,76 @@ def _experiment_jobs(spec: Spec, store: ArtifactStore, exp: str) -> list[dict]:
     return _jobs(spec, np.asarray(store.load_npy(exp, MASKS, "masks.npy")), data_digest(store, exp))
 
 
+def _check_key(path, meta: dict, job: dict) -> None:
+    """A stored model must be the one its path names: the recipe, data, mask and seed of its key
+    (a file copied or renamed into another key's place is never used: it is trained again)."""
+    said = {"recipe_hash": meta.get("recipe_hash"), "data_digest": meta.get("data_digest"),
+            "seed": meta.get("seed"), "n_train_examples": meta.get("n_train_examples")}
+    want = {"recipe_hash": job["recipe_hash"], "data_digest": job["data_digest"], "seed": job["seed"],
+            "n_train_examples": job["size"]}
+    if "mask_digest" in meta:
+        said["mask_digest"], want["mask_digest"] = meta["mask_digest"], job["mask_digest"]
+    for key, value in want.items():
+        if str(said[key]) != str(value):
+            raise ArtifactError(f"{path}: its metadata says {key} {said[key]}, but the file is stored under "
+                                f"{key} {value}: it is not the model of this key")
+
+
 def _epoch_file(file: str, epoch: int) -> str:
     return file.replace(".safetensors", f"-e{epoch}.safetensors")
 
 
-def _have(store: ArtifactStore, exp: str, job: dict, save_epochs=()) -> bool:
-    """Whether the job's model (and its intermediate checkpoints) is stored and readable."""
-    files = [job["file"], *(_epoch_file(job["file"], e) for e in save_epochs)]
+def _model_layout(spec: Spec, in_shape, num_classes, cache: dict) -> dict:
+    """{tensor: shape} a stored model of this spec must hold (its margins aside)."""
+    key = (tuple(in_shape), int(num_classes))
+    if key not in cache:
+        model = make_model_fn(spec, key[0], key[1])()
+        cache[key] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return cache[key]
+
+
+def _stored_problem(spec: Spec, store: ArtifactStore, exp: str, job: dict, cache: dict) -> str | None:
+    """Why the job's stored model (or one of its intermediate checkpoints) cannot be used, or None.
+    A model is used only if its file is readable, its metadata is its key's (recipe, data, mask,
+    seed, architecture) and its tensors are the spec's model's; anything else is trained again."""
+    from kernels.stacked import StackError, layout_of
+
+    files = [job["file"], *(_epoch_file(job["file"], e) for e in spec.training.save_epochs)]
     if any(not store.path(exp, CKPT, f).exists() for f in files):
-        return False
+        return "missing"
+    path = store.path(exp, CKPT, job["file"])
     try:
-        store.tensor_metadata(exp, CKPT, job["file"])   # the header only, not the weights
-    except Exception:   # unreadable: train it again (the write was atomic, so this is rare)
-        return False
-    return True
+        meta = store.tensor_metadata(exp, CKPT, job["file"])    # the header only, not the weights
+        _check_key(path, meta, job)
+        if meta.get("arch") != spec.model.arch or str(meta.get("hidden")) != str(spec.model.hidden):
+            raise ArtifactError(f"{path}: a {meta.get('arch')} (hidden={meta.get('hidden')}) model, the spec's is "
+                                f"{spec.model.arch} (hidden={spec.model.hidden})")
+        want = _model_layout(spec, json.loads(meta["in_shape"]), meta["num_classes"], cache)
+        for f in files:
+            got = {k: s for k, (_, s) in layout_of(store.path(exp, CKPT, f)).items() if not k.startswith("margins_")}
+            if got != want:
+                bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))[0]
+                raise ArtifactError(f"{store.path(exp, CKPT, f)}: tensor {bad!r} is "
+                                    f"{list(got[bad]) if bad in got else 'missing'}, the spec's model needs "
+                                    f"{list(want[bad]) if bad in want else 'none'}")
+    except (ArtifactError, StackError) as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 -- unreadable header or metadata: say which file, train it again
+        return f"{path}: unreadable ({type(e).__name__}: {e})"
+    return None
 
 
 def plan_shards(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> list[list[dict]]:
     """The models still missing, in shards of ``models_per_batch`` equal-size subsets; each shard
     is the list of its jobs (what to train and under which key), handed to ``train_shard``."""
     jobs = _experiment_jobs(spec, store, exp)
-    missing = [j for j in jobs if not _have(store, exp, j, spec.training.save_epochs)]
+    missing, cache = [], {}
+    for j in jobs:
+        problem = _stored_problem(spec, store, exp, j, cache)
+        if problem is not None:
+            if problem != "missing":
+                log(f"model {j['model_id']} will be trained again: {problem}")
+            missing.append(j)
     per = spec.training.models_per_batch
     shards: list[list[dict]] = []
     for size in sorted({j["size"] for j in missing}):
@@ -213,7 +262,8 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, jobs: list[dict], de
         store.save_tensors(exp, CKPT, job["file"], tensors, {
             "arch": spec.model.arch, "hidden": spec.model.hidden, "in_shape": json.dumps(list(data.in_shape)),
             "num_classes": len(meta["classes"]), "recipe_hash": rh, "data_digest": digest, "seed": job["seed"],
-            "mask_index": job["mask_index"], "role": job["role"], "n_train_examples": job["size"],
+            "mask_digest": job["mask_digest"], "mask_index": job["mask_index"], "role": job["role"],
+            "n_train_examples": job["size"],
             "accuracy": float(ev["accuracy"][i]), "attack_success_rate": float(ev["asr"][i]),
             "norm": json.dumps(data.norm), "precision": precision})
     log(f"{name}: trained {len(jobs)} models ({precision}) in {time.perf_counter() - t0:.1f}s, "
@@ -225,33 +275,51 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
     """Gather the experiment's models from the store into the stacked checkpoint, the manifest and
     the model outputs that downstream stages read."""
     jobs = _experiment_jobs(spec, store, exp)
-    missing = [j["model_id"] for j in jobs if not _have(store, exp, j, spec.training.save_epochs)]
+    cache: dict = {}
+    problems = [(j["model_id"], _stored_problem(spec, store, exp, j, cache)) for j in jobs]
+    missing = [i for i, p in problems if p == "missing"]
     if missing:
         raise ArtifactError(f"models {missing[:5]}{'...' if len(missing) > 5 else ''} are not trained; "
                             f"re-materialize checkpoints")
-    stacked: dict[str, list] = {}
+    bad = [p for _, p in problems if p is not None]
+    if bad:
+        raise ArtifactError(f"{bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: re-materialize "
+                            f"checkpoints to train {'it' if len(bad) == 1 else 'them'} again")
     rows, metas = [], None
     for j in jobs:
-        tensors, meta = store.load_tensors(exp, CKPT, j["file"])
-        metas = meta
-        for k, v in tensors.items():
-            stacked.setdefault(k, []).append(v)
+        meta = store.tensor_metadata(exp, CKPT, j["file"])
+        metas = metas or meta
         rows.append({"experiment": exp, "model_id": j["model_id"], "role": j["role"], "mask_index": j["mask_index"],
                      "seed": j["seed"], "n_train_examples": j["size"], "accuracy": float(meta["accuracy"]),
                      "attack_success_rate": float(meta["attack_success_rate"]), "recipe_hash": meta["recipe_hash"],
                      "file": j["file"], "precision": meta.get("precision", "fp32")})
-    margins_test = torch.stack(stacked.pop("margins_test")).numpy()
-    margins_train = torch.stack(stacked.pop("margins_train")).numpy()
-    params = {k: torch.stack(v) for k, v in stacked.items()}
-    store.save_tensors(exp, CKPT, "models.safetensors", params, {
+    # parameters were checked against the spec's model above; every file's layout (dtypes, and the
+    # margins: one per test and training example) must be the first's, which must fit the data
+    from kernels.stacked import layout_of
+
+    first = store.path(exp, CKPT, jobs[0]["file"])
+    layout = layout_of(first)
+    want = {"margins_test": (len(store.load_json(exp, "training_set", "meta.json")["test_ids"]),),
+            "margins_train": (jobs[-1]["size"],)}
+    for k, shape in want.items():
+        if k not in layout or layout[k][1] != shape:
+            raise ArtifactError(f"{first}: {k} is {list(layout[k][1]) if k in layout else 'missing'}, the data "
+                                f"needs {list(shape)}: delete the file and re-materialize checkpoints")
+    margins_test = np.empty((len(jobs), *want["margins_test"]), np.float32)
+    margins_train = np.empty((len(jobs), *want["margins_train"]), np.float32)
+
+    def margins(i, f):
+        margins_test[i] = f.get_tensor("margins_test").numpy()
+        margins_train[i] = f.get_tensor("margins_train").numpy()
+    # one model's tensor at a time: memory does not grow with the number of models
+    store.stack_tensors(exp, CKPT, "models.safetensors", [j["file"] for j in jobs], {
         "arch": spec.model.arch, "hidden": spec.model.hidden, "in_shape": metas["in_shape"],
         "num_classes": metas["num_classes"], "recipe_hash": metas["recipe_hash"], "models": len(jobs),
-        "norm": metas["norm"], "experiment": exp})
+        "norm": metas["norm"], "experiment": exp}, keys=[k for k in layout if not k.startswith("margins_")],
+        expect=layout, on_source=margins)
     for e in spec.training.save_epochs:      # intermediate checkpoints, stacked like the final ones
-        snaps = [store.load_tensors(exp, CKPT, _epoch_file(j["file"], e))[0] for j in jobs]
-        store.save_tensors(exp, CKPT, f"models-epoch{e}.safetensors",
-                           {k: torch.stack([t[k] for t in snaps]) for k in snaps[0]},
-                           {"arch": spec.model.arch, "hidden": spec.model.hidden, "epoch": e, "models": len(jobs)})
+        store.stack_tensors(exp, CKPT, f"models-epoch{e}.safetensors", [_epoch_file(j["file"], e) for j in jobs],
+                            {"arch": spec.model.arch, "hidden": spec.model.hidden, "epoch": e, "models": len(jobs)})
     store.save_npy(exp, "model_outputs", "margins_test.npy", margins_test)
     store.save_npy(exp, "model_outputs", "margins_train.npy", margins_train)
     table = pd.DataFrame(rows)

@@ -52,22 +52,22 @@ def test_influence_matrix_preparations():
     paper = influence_matrix(tau, q, labels, "paper")
     assert (np.diag(paper) == 0).all() and np.allclose(paper + np.diag(np.diag(tau)), tau)
     rs = influence_matrix(tau, q, labels, "row_scale")
-    np.testing.assert_allclose((rs ** 2).sum(1) / (n - 1), 1.0)
+    np.testing.assert_allclose((rs.astype(np.float64) ** 2).sum(1) / (n - 1), 1.0, rtol=1e-6)
     dq = influence_matrix(tau, q, labels, "divide_q_center")
     off = ~np.eye(n, dtype=bool)
     for a in (0, 1):
         for b in (0, 1):
             block = (labels[:, None] == a) & (labels[None, :] == b) & off
-            assert abs(dq[block].mean()) < 1e-9
+            assert abs(dq[block].mean()) < 1e-6            # float32 storage
     dc = influence_matrix(tau, q, labels, "divide_q_double_center")
     for a in (0, 1):
         for b in (0, 1):
             block = np.where((labels[:, None] == a) & (labels[None, :] == b) & off, dc, np.nan)
             rows = block[labels == a][:, labels == b]
-            assert abs(np.nanmean(rows)) < 1e-9
+            assert abs(np.nanmean(rows)) < 1e-6
             if a != b:   # rows and columns of a block without the diagonal centre exactly
-                np.testing.assert_allclose(np.nanmean(rows, 1), 0, atol=1e-9)
-                np.testing.assert_allclose(np.nanmean(rows, 0), 0, atol=1e-9)
+                np.testing.assert_allclose(np.nanmean(rows, 1), 0, atol=1e-7 * np.abs(dc).max())
+                np.testing.assert_allclose(np.nanmean(rows, 0), 0, atol=1e-7 * np.abs(dc).max())
     with pytest.raises(ValueError, match="n x n"):
         influence_matrix(tau[:, :5], q, labels)
     with pytest.raises(ValueError, match="unknown preparation"):
