@@ -111,7 +111,7 @@ def test_variable_size_fields_and_ids(tmp_path):
     blobs = [b"x" * (i * 3) for i in range(20)]
     p = write_loader_file(tmp_path / "v.pvl", {"id": ids, "blob": blobs, "label": np.arange(20)})
     r = LoaderFile(p)
-    assert r.fields["blob"].kind == "bytes" and r.version == 2
+    assert r.fields["blob"].kind == "bytes" and r.version == 3
     assert r.take_bytes("blob", [19, 0, 5]) == [blobs[19], blobs[0], blobs[5]]
     np.testing.assert_array_equal(r.index_of(["ex-7", "ex-2"]), [7, 2])
     with pytest.raises(LoaderFileError, match="no example with id 'nope'"):
@@ -160,3 +160,150 @@ def test_parallel_convert_of_an_indexable_dataset(tmp_path):
     e = LoaderFile(convert(Dataset(), tmp_path / "png.pvl", png, workers=2, attrs={"decoded_shape": {"image": [6, 5, 3]}}))
     first = Image.open(io.BytesIO(e.take_bytes("image", [77])[0]))
     assert (np.asarray(first) == 77).all()
+
+
+# ---------------------------------------------------------------- property-based: valid files and corruptions
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_DTYPES = ["?", "i1", "u1", "<i2", ">u2", "<i4", "<u4", ">i8", "<u8", "<f2", ">f4", "<f8", "<c8"]
+
+
+@st.composite
+def loader_contents(draw):
+    """{name: fixed array or list of bytes} with one row count, and attrs."""
+    n = draw(st.integers(0, 12))
+    names = draw(st.lists(st.text(st.characters(codec="utf-8", exclude_characters="#"), min_size=1, max_size=6),
+                          min_size=1, max_size=4, unique=True))
+    fields = {}
+    for name in names:
+        if draw(st.booleans()):
+            dtype = np.dtype(draw(st.sampled_from(_DTYPES)))
+            shape = (n, *draw(st.lists(st.integers(0, 3), max_size=3)))
+            fields[name] = draw(hnp.arrays(dtype, shape))
+        else:
+            fields[name] = draw(st.lists(st.binary(max_size=20), min_size=n, max_size=n))
+    attrs = draw(st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3))
+    return fields, attrs
+
+
+def _read_all(path):
+    r = LoaderFile(path)
+    out = {}
+    for name, info in r.fields.items():
+        out[name] = (np.array(r.array(name)) if info.kind == "fixed"
+                     else r.take_bytes(name, np.arange(len(r))))
+    return out, r.attrs, len(r)
+
+
+def _same(read, fields, attrs) -> bool:
+    got, got_attrs, n = read
+    if got_attrs != attrs or set(got) != set(fields):
+        return False
+    for name, value in fields.items():
+        if isinstance(value, np.ndarray):
+            g = got[name]
+            if g.dtype != value.dtype.newbyteorder("<") or g.shape != value.shape or \
+                    g.tobytes() != value.astype(value.dtype.newbyteorder("<")).tobytes():
+                return False
+        elif got[name] != [bytes(v) for v in value]:
+            return False
+    return True
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contents=loader_contents(), how=st.sampled_from(["flip", "overwrite", "truncate", "extend"]),
+       where=st.floats(0, 1), bit=st.integers(0, 7), junk=st.binary(min_size=1, max_size=16))
+def test_any_corruption_reads_back_exactly_or_raises_the_format_error(tmp_path, contents, how, where, bit, junk):
+    fields, attrs = contents
+    p = write_loader_file(tmp_path / "f.pvl", fields, attrs)
+    assert _same(_read_all(p), fields, attrs)                   # a valid file reads back exactly
+    data = bytearray(p.read_bytes())
+    at = min(len(data) - 1, int(where * len(data)))
+    if how == "flip":
+        data[at] ^= 1 << bit
+    elif how == "overwrite":
+        data[at:at + len(junk)] = junk
+    elif how == "truncate":
+        data = data[:at]
+    else:
+        data += junk
+    bad = tmp_path / "bad.pvl"
+    bad.write_bytes(bytes(data))
+    try:
+        read = _read_all(bad)
+    except LoaderFileError as e:
+        assert str(bad) in str(e)
+        return
+    assert _same(read, fields, attrs), f"{how} at {at} returned other data than was written"
+
+
+def _rewrite_header(path, edit):
+    """Edit the header JSON and recompute its checksum: what a hostile or careless editor does."""
+    import json
+    import struct
+    import zlib
+
+    raw = bytearray(path.read_bytes())
+    _, _, hlen, _ = struct.unpack("<8sHII", raw[:18])
+    header = json.loads(raw[18:18 + hlen])
+    edit(header)
+    text = json.dumps(header).encode()
+    text = text + b" " * max(0, hlen - len(text))
+    if len(text) != hlen:                        # longer: the blocks stay where they are
+        raw[10:14] = struct.pack("<I", len(text))
+    raw[14:18] = struct.pack("<I", zlib.crc32(text))
+    raw[18:18 + hlen] = text
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h["fields"][0].update(dtype="|O"), "dtype '|O'"),
+    (lambda h: h["fields"][0].update(dtype=">f4"), "dtype '>f4'"),
+    (lambda h: h["fields"][0].update(dtype="<V4"), "dtype '<V4'"),
+    (lambda h: h["fields"][0].update(shape=[8, 3, 8]), "checksum mismatch in field 'image'"),
+    (lambda h: h["fields"][0].update(shape=[-1, 8, 24]), "a shape entry is -1"),
+    (lambda h: h["fields"][0].update(shape=[1] * 20), "at most 16"),
+    (lambda h: h["fields"][1].update(name="image"), "field 'image' appears twice"),
+    (lambda h: h["fields"][1].update(offset=h["fields"][0]["offset"]), "overlap"),
+    (lambda h: h["fields"][1].update(offset=h["fields"][1]["offset"] + 8), "not a multiple of 64"),
+    (lambda h: h["fields"][0].update(offset=0), "not a multiple of 64 after the header"),
+    (lambda h: h["fields"][0].update(nbytes=True), "nbytes is True"),
+    (lambda h: h["fields"][0].update(crc32=2 ** 40), "crc32"),
+    (lambda h: h["fields"][0].update(extra=1), "has keys"),
+    (lambda h: h.update(num_examples=h["num_examples"] * 2), "declares"),
+    (lambda h: h.update(num_examples="50"), "num_examples"),
+    (lambda h: h.update(fields={}), "fields is not a non-empty list"),
+    (lambda h: h.update(attrs=[1]), "attrs is a list"),
+    (lambda h: h["fields"][0].update(kind="pickle"), "unknown kind 'pickle'"),
+    (lambda h: h["fields"][3].update(index_nbytes=8), "malformed offsets block"),
+])
+def test_edited_headers_are_refused_even_with_a_valid_checksum(tmp_path, edit, match):
+    p = write_loader_file(tmp_path / "a.pvl", {**_fields(), "id": [f"e{i}" for i in range(50)]})
+    _rewrite_header(p, edit)
+    with pytest.raises(LoaderFileError, match=match):
+        LoaderFile(p)
+
+
+def test_an_older_version_without_a_header_checksum_is_refused(tmp_path):
+    import struct
+
+    p = write_loader_file(tmp_path / "a.pvl", _fields())
+    raw = bytearray(p.read_bytes())
+    raw[8:10] = struct.pack("<H", 2)
+    p.write_bytes(bytes(raw))
+    with pytest.raises(LoaderFileError, match="format version 2.*no header checksum"):
+        LoaderFile(p)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["fields"][1].update(dtype="<u8"),              # same itemsize: the bytes read as another type
+    lambda h: h["fields"][0].update(shape=[3, 8, 8]),          # same size: the image read in another layout
+    lambda h: h["fields"][1].update(name="weight2"),           # renamed
+])
+def test_a_header_edited_to_reinterpret_the_data_fails_the_field_checksum(tmp_path, edit):
+    p = write_loader_file(tmp_path / "a.pvl", _fields())
+    _rewrite_header(p, edit)
+    with pytest.raises(LoaderFileError, match="checksum mismatch in field"):
+        LoaderFile(p)
