@@ -19,23 +19,76 @@ def _home() -> Path:
     return home()
 
 
+INSTANCE_YAML = """telemetry:
+  enabled: false
+run_monitoring:           # the daemon fails runs that never start or whose worker is gone
+  enabled: true
+  start_timeout_seconds: 300
+"""
+
+
 def ensure_dagster_home(home: Path) -> Path:
-    """The project's Dagster instance: SQLite storage under ``home/dagster``, telemetry off."""
+    """The project's Dagster instance: SQLite storage under ``home/dagster``, telemetry off.
+    Created once under a file lock, so two commands started together on a fresh home do not race
+    on the configuration or on the storage's schema."""
+    import fcntl
+
     d = home / "dagster"
     d.mkdir(parents=True, exist_ok=True)
-    cfg = d / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text("telemetry:\n  enabled: false\n")
+    with open(d / ".setup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cfg = d / "dagster.yaml"
+        if not cfg.exists():
+            tmp = d / f".dagster.yaml.{os.getpid()}"
+            tmp.write_text(INSTANCE_YAML)
+            os.replace(tmp, cfg)
+        ready = d / ".storage-ready"
+        if not ready.exists():          # create the SQLite schemas now, one process at a time
+            from dagster import DagsterInstance
+
+            DagsterInstance.from_config(str(d)).dispose()
+            ready.touch()
     return d
 
 
-def _resolve_spec(arg: str) -> Path:
-    p = Path(arg)
-    if p.suffix not in (".yaml", ".yml"):
-        from definitions import PROJECT
+PID_TAG, HOST_TAG = "provenance/pid", "provenance/host"
 
-        p = Path(os.environ.get("PROVENANCE_EXPERIMENTS", PROJECT / "experiments")) / f"{arg}.yaml"
-    return p.resolve()
+
+def fail_dead_runs(instance) -> list[str]:
+    """Runs that ``./provenance run`` started on this machine and whose process is gone (killed,
+    crashed) but that the instance still shows as started: marked failed, with the reason."""
+    import socket
+
+    from dagster import DagsterRunStatus, RunsFilter
+
+    dead = []
+    for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING,
+                                                      DagsterRunStatus.NOT_STARTED])):
+        pid, host = run.tags.get(PID_TAG), run.tags.get(HOST_TAG)
+        if pid is None or host != socket.gethostname() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                    # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                    # alive, another user's
+        instance.report_run_failed(run, message=f"process {pid} that ran it is gone (killed or crashed); "
+                                                f"marked failed by ./provenance")
+        dead.append(run.run_id)
+    return dead
+
+
+def _resolve_spec(arg: str) -> Path:
+    """A spec path (relative to the user's directory) or an experiment name (a file in
+    $PROVENANCE_EXPERIMENTS, default the checkout's experiments/)."""
+    from definitions import experiments_dir
+    from ops.spec import user_path
+
+    if Path(arg).suffix in (".yaml", ".yml"):
+        return user_path(arg).resolve()
+    return experiments_dir() / f"{arg}.yaml"
 
 
 def cmd_validate(args) -> int:
@@ -43,7 +96,7 @@ def cmd_validate(args) -> int:
 
     try:
         spec = load_spec_file(_resolve_spec(args.spec))
-        counts = validate_against_data(spec, args.spec)
+        counts = validate_against_data(spec, args.spec, probe_images=True)
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2
@@ -57,12 +110,19 @@ def cmd_run(args) -> int:
     path = _resolve_spec(args.spec)
     try:
         spec = load_spec_file(path)
-        validate_against_data(spec, str(path))
+        validate_against_data(spec, str(path), probe_images=True)
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2
+    from resources import DeviceError, resolve_device
+
     if args.device:
         os.environ["PROVENANCE_DEVICE"] = args.device
+    try:
+        resolve_device(os.environ.get("PROVENANCE_DEVICE", "auto"))
+    except DeviceError as e:
+        print(e, file=sys.stderr)
+        return 2
     home = _home()
     os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(home))
 
@@ -71,34 +131,60 @@ def cmd_run(args) -> int:
     from assets import ALL_ASSETS, ALL_CHECKS, experiments_partitions
     from definitions import make_resources
 
+    import socket
+
     instance = DagsterInstance.get()
+    for run_id in fail_dead_runs(instance):
+        print(f"run {run_id} was left as started by a process that is gone: marked failed", file=sys.stderr)
     if not instance.has_dynamic_partition(experiments_partitions.name, spec.name):
         instance.add_dynamic_partitions(experiments_partitions.name, [spec.name])
     t0 = time.perf_counter()
     result = materialize([*ALL_ASSETS, *ALL_CHECKS], partition_key=spec.name, instance=instance, raise_on_error=False,
+                         tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
                          resources=make_resources(home, path.parent),
                          run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}})
     elapsed = time.perf_counter() - t0
     if not result.success:
-        print(f"run {result.run_id} failed after {elapsed:.0f}s; see the log above or the Dagster UI",
+        reason = _first_failure(result)
+        print(f"run {result.run_id} failed after {elapsed:.0f}s"
+              + (f": {reason}" if reason else "") + "\n  (the log above and the Dagster UI have the details)",
               file=sys.stderr)
         return 1
-    failed = [e.check_name for e in result.get_asset_check_evaluations()
-              if not e.passed]
+    from dagster import AssetCheckSeverity
+
+    evals = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    errors = [e.check_name for e in evals if e.severity == AssetCheckSeverity.ERROR]
     print()
     print(_report(home, spec.name))
     print(f"\n  run {result.run_id} finished in {elapsed:.0f}s; warehouse {home / 'warehouse.duckdb'}")
-    if failed:
-        print(f"  failed asset checks: {', '.join(failed)}")
+    warned = [e.check_name for e in evals if e.severity != AssetCheckSeverity.ERROR]
+    if warned:
+        print(f"  asset checks that warn: {', '.join(warned)}")
+    if errors:   # the results rest on garbage (non-finite margins or scores, models at chance...)
+        print(f"run {result.run_id}: asset checks failed: {', '.join(errors)} (their metadata in the Dagster UI "
+              f"says what is wrong); the results above are not to be trusted", file=sys.stderr)
+        return 3
     return 0
 
 
+def _first_failure(result) -> str | None:
+    """The failed step and the innermost error's first line (the user's exception, not Dagster's
+    wrapper around it): the one line that says what went wrong."""
+    for ev in result.all_events:
+        if ev.is_step_failure:
+            err = ev.step_failure_data.error
+            while err is not None and err.cause is not None:
+                err = err.cause
+            line = (err.message.strip().splitlines() or [""])[0] if err is not None else ""
+            return f"step {ev.step_key}: {line}"
+    return None
+
+
 def _report(home: Path, exp: str) -> str:
-    import duckdb
-
     from ops.report import experiment_report
+    from ops.warehouse import reader
 
-    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+    with reader(home / "warehouse.duckdb") as conn:
         return experiment_report(conn, exp)
 
 
@@ -112,20 +198,24 @@ def cmd_report(args) -> int:
 
 
 def cmd_sql(args) -> int:
+    """A query on the warehouse's last completed snapshot, in a sandbox: read-only, and no file,
+    database, extension or setting outside it can be touched (ops.warehouse.SANDBOX)."""
     import duckdb
 
+    from ops.warehouse import reader
+
     db = _home() / "warehouse.duckdb"
-    if not db.exists():
-        print(f"{db} does not exist yet: run an experiment first", file=sys.stderr)
-        return 1
-    with duckdb.connect(str(db), read_only=True) as conn:
-        try:
+    try:
+        with reader(db, sandbox=True) as conn:
             rel = conn.sql(args.query)
-        except duckdb.Error as e:
-            print(e, file=sys.stderr)
-            return 1
-        if rel is not None:
-            rel.show(max_rows=args.max_rows, max_width=200)
+            if rel is not None:
+                rel.show(max_rows=args.max_rows, max_width=200)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except duckdb.Error as e:
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 

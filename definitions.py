@@ -20,12 +20,21 @@ PROJECT = Path(__file__).resolve().parent
 
 
 def home() -> Path:
-    return Path(os.environ.get("PROVENANCE_HOME", PROJECT / ".provenance")).resolve()
+    """$PROVENANCE_HOME (a relative one from the user's directory, ops.spec.user_dir), else <project>/.provenance."""
+    from ops.spec import user_path
+
+    return user_path(os.environ.get("PROVENANCE_HOME") or PROJECT / ".provenance").resolve()
 
 
-def make_resources(home_dir: Path | None = None, experiments_dir: Path | None = None) -> dict:
+def experiments_dir() -> Path:
+    from ops.spec import user_path
+
+    return user_path(os.environ.get("PROVENANCE_EXPERIMENTS") or PROJECT / "experiments").resolve()
+
+
+def make_resources(home_dir: Path | None = None, exp_dir: Path | None = None) -> dict:
     h = Path(home_dir) if home_dir else home()
-    exp_dir = experiments_dir or Path(os.environ.get("PROVENANCE_EXPERIMENTS", PROJECT / "experiments"))
+    exp_dir = exp_dir or experiments_dir()
     return {
         "store": ArtifactStoreResource(root=str(h / "artifacts")),
         "experiments": ExperimentsResource(directory=str(Path(exp_dir).resolve())),

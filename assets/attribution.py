@@ -2,6 +2,7 @@
 
 import base64
 
+import numpy as np
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
                      MaterializeResult, MetadataValue, asset)
 
@@ -79,7 +80,10 @@ def baseline_attributions(context: AssetExecutionContext, experiments: Experimen
 @asset(deps=["attribution_scores", "datamodel_weights", "baseline_attributions", "model_outputs"],
        partitions_def=experiments_partitions, group_name=GROUP, kinds={"parquet"},
        check_specs=[AssetCheckSpec("enough_heldout_models", asset="lds_evaluation",
-                                   description="LDS rests on at least lds.min_heldout held-out subsets.")],
+                                   description="LDS rests on at least lds.min_heldout held-out subsets."),
+                    AssetCheckSpec("lds_defined", asset="lds_evaluation",
+                                   description="Every method's LDS is finite, and TRAK's rank correlation is "
+                                               "defined (predictions and margins not constant) for most targets.")],
        code_version="2")
 def lds_evaluation(context: AssetExecutionContext, experiments: ExperimentsResource,
                    store: ArtifactStoreResource):
@@ -100,3 +104,8 @@ def lds_evaluation(context: AssetExecutionContext, experiments: ExperimentsResou
     yield AssetCheckResult(check_name="enough_heldout_models", passed=summary["n_heldout"] >= spec.lds.min_heldout,
                            severity=AssetCheckSeverity.WARN,
                            metadata={"n_heldout": summary["n_heldout"], "min_heldout": spec.lds.min_heldout})
+    undefined = summary["undefined_targets"]
+    finite = bool(all(np.isfinite(v) for k, v in summary.items() if k.startswith("lds_")))
+    yield AssetCheckResult(check_name="lds_defined", passed=bool(finite and undefined.get("trak", 1.0) <= 0.5),
+                           severity=AssetCheckSeverity.ERROR,
+                           metadata={"all_finite": finite, **{f"undefined_share_{k}": v for k, v in undefined.items()}})

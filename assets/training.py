@@ -8,6 +8,8 @@ and the margins.  A model already in the store is never trained again.
 """
 import warnings
 
+import numpy as np
+
 from dagster import (AssetCheckResult, PreviewWarning, AssetCheckSeverity, AssetIn, AssetOut, DynamicOut, DynamicOutput, In, Nothing,
                      OpExecutionContext, Out, Output, asset_check, graph_multi_asset, op)
 
@@ -80,8 +82,8 @@ def _chance_check(context, store: ArtifactStoreResource) -> AssetCheckResult:
     table = store.get().load_table(context.partition_key, "checkpoints", "models.parquet")
     meta = store.get().load_json(context.partition_key, "training_set", "meta.json")
     chance = 1.0 / len(meta["classes"])
-    low = table[[at_chance(a, chance) for a in table["accuracy"]]]
-    return AssetCheckResult(passed=low.empty, severity=AssetCheckSeverity.ERROR,
+    low = table[[not np.isfinite(a) or at_chance(a, chance) for a in table["accuracy"]]]   # NaN fails too
+    return AssetCheckResult(passed=bool(low.empty), severity=AssetCheckSeverity.ERROR,
                             metadata={"models_at_chance": len(low), "chance": chance,
                                       "min_accuracy": float(table["accuracy"].min())})
 
@@ -93,3 +95,26 @@ with warnings.catch_warnings():   # partitioned asset checks are a Dagster 1.13 
                  description="No model's test accuracy is at chance level.")
     def models_above_chance(context, store: ArtifactStoreResource) -> AssetCheckResult:
         return _chance_check(context, store)
+
+    @asset_check(asset="model_outputs", partitions_def=experiments_partitions,
+                 description="Every margin is finite, and no model is right on the examples of one label only "
+                             "(what a model predicting one class for everything is).")
+    def margins_finite(context, store: ArtifactStoreResource) -> AssetCheckResult:
+        return _margins_check(context, store)
+
+
+def _margins_check(context, store: ArtifactStoreResource) -> AssetCheckResult:
+    """Margins are what TRAK, datamodels and LDS regress on: a NaN or an infinity there (a diverged
+    model, a one-class dataset) or a model with one margin for all examples makes every later number
+    garbage, so it fails the run's checks rather than reporting success."""
+    s, key = store.get(), context.partition_key
+    bad = sum(int((~np.isfinite(np.asarray(s.load_npy(key, "model_outputs", name)))).sum())
+              for name in ("margins_test.npy", "margins_train.npy"))
+    m = np.asarray(s.load_npy(key, "model_outputs", "margins_test.npy"))
+    labels = np.asarray(s.load_npy(key, "training_set", "test_labels.npy"))
+    # a margin > 0 means the model predicts the example's own label; a model that predicts one class
+    # for everything is right only on that class's examples
+    constant = 0 if len(np.unique(labels)) < 2 else int(sum(
+        bool(len(np.unique(labels[row > 0])) <= 1 and (row <= 0).any()) for row in m))
+    return AssetCheckResult(passed=bool(bad == 0 and constant == 0), severity=AssetCheckSeverity.ERROR,
+                            metadata={"non_finite_margins": bad, "models_right_on_one_label_only": int(constant)})

@@ -17,11 +17,11 @@ def warehouse(context: AssetExecutionContext, experiments: ExperimentsResource, 
               duckdb: DuckDBResource) -> MaterializeResult:
     """Loads this experiment's rows into every warehouse table (docs/tables.md)."""
     from ops.report import experiment_report
-    from ops.warehouse import load_experiment
+    from ops.warehouse import load_experiment, writing
 
     key = context.partition_key
-    Path(duckdb.database).parent.mkdir(parents=True, exist_ok=True)
-    with duckdb.get_connection() as conn:
+    # a private copy, renamed into place: readers keep their snapshot, writers take turns
+    with writing(Path(duckdb.database)) as conn:
         counts = load_experiment(conn, store.get(), key, experiments.load(key))
         report = experiment_report(conn, key)
     context.log.info("\n" + report)

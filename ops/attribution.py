@@ -13,7 +13,7 @@ import torch
 from kernels.lasso import fit_datamodels
 from kernels.npyio import NpyFile
 from kernels.projectors import batched_out_to_loss, make_projector
-from kernels.stats import lds, lds_bootstrap
+from kernels.stats import lds, lds_bootstrap, spearman_columns
 from kernels.trak import finalize_member, grid_scores, score_tiles
 from ops.data import MASKS
 from ops.spec import Spec
@@ -330,9 +330,13 @@ def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
     x = masks[held].astype(np.float64)
     actual = margins[held]
     rows, per_target = [], []
+    undefined = {}
     for name, method in METHODS.items():
-        value, low, high, rho = lds_bootstrap(method.predict(ctx, x), actual, n_boot=spec.lds.bootstrap,
-                                              seed=spec.seed)
+        pred = method.predict(ctx, x)
+        # a target whose prediction or margin is constant over the held-out models has no rank
+        # correlation; it counts 0 in the LDS, and the share of such targets is reported (check)
+        undefined[name] = float(np.isnan(spearman_columns(pred, actual)).mean()) if pred.size else 1.0
+        value, low, high, rho = lds_bootstrap(pred, actual, n_boot=spec.lds.bootstrap, seed=spec.seed)
         rows.append({"experiment": exp, "method": name, "lds": value, "ci95_low": low, "ci95_high": high,
                      "n_heldout": len(held), "n_targets": actual.shape[1]})
         per_target.append(pd.DataFrame({"experiment": exp, "method": name,
@@ -343,7 +347,8 @@ def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
     store.save_table(exp, LDS, "lds.parquet", pd.DataFrame(rows))
     store.save_table(exp, LDS, "lds_per_target.parquet", pd.concat(per_target, ignore_index=True))
     store.save_table(exp, LDS, "lds_curve.parquet", curve)
-    return {"n_heldout": len(held), **{f"lds_{r['method']}": round(r["lds"], 4) for r in rows}, "curve": curve}
+    return {"n_heldout": len(held), **{f"lds_{r['method']}": round(r["lds"], 4) for r in rows},
+            "undefined_targets": undefined, "curve": curve}
 
 
 def _curve_sizes(total: int) -> list[int]:

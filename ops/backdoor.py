@@ -110,9 +110,23 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
 
     t_all = time.perf_counter()
     rows, summary, detections = [], [], {}
+    failed = {}
     for method in d.methods:
         t0 = time.perf_counter()
-        det = DETECTORS[method](inp)
+        try:
+            det = DETECTORS[method](inp)
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
+            if method == "strongest_feature":   # the report's own detector: its failure fails the report
+                raise
+            # a baseline that cannot run on this data (e.g. SPECTRE's robust covariance on images
+            # without variance) is recorded as failed, not allowed to take the report down with it
+            failed[method] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log(f"{method}: failed on this data ({failed[method]}); the report goes on without it")
+            summary.append({"experiment": exp, "method": method, "n_poisoned": int(truth.sum()) if has_truth else None,
+                            "n_flagged": 0, **{k: None for k in METRICS}, "flag_rule": f"failed: {failed[method]}",
+                            "seconds": round(time.perf_counter() - t0, 2), "retrain_accuracy": None,
+                            "retrain_attack_success_rate": None})
+            continue
         det.seconds = time.perf_counter() - t0
         detections[method] = det
         scores, flags = np.asarray(det.scores, np.float64), np.asarray(det.flags, bool)
@@ -138,6 +152,8 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
     reference = (None, None)
     if d.retrain:
         for row in summary:
+            if row["method"] in failed:
+                continue
             flags = np.asarray(detections[row["method"]].flags, bool)
             if flags.any():
                 acc, asr = retrain_without(spec, inp, flags, target)
@@ -152,7 +168,9 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
         row["reference_accuracy"], row["reference_attack_success_rate"] = reference
 
     images = np.asarray(store.load_npy(exp, "training_set", "train_images.npy"))
-    first = d.methods[0]
+    if not detections:
+        raise ValueError(f"detector.methods: every detector failed on this data ({failed})")
+    first = next(m for m in d.methods if m in detections)
     grid = top_grid(images, np.argsort(-np.asarray(detections[first].scores), kind="stable"),
                     truth if has_truth else None)
     with store.atomic(exp, REPORT, "top_flagged.png") as tmp:
@@ -170,4 +188,5 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
             "seconds": round(time.perf_counter() - t_all, 1),
             **{f"{s['method']}_{k}": s[k] for s in summary for k in ("n_flagged", *METRICS, "retrain_accuracy",
                                                                       "retrain_attack_success_rate")},
-            "reference_accuracy": reference[0], "reference_attack_success_rate": reference[1]}
+            "reference_accuracy": reference[0], "reference_attack_success_rate": reference[1],
+            "failed_detectors": failed}

@@ -150,6 +150,27 @@ def _decode_all(blobs: list, names: list[str], ds) -> np.ndarray:
     return _stack(images, names)
 
 
+def probe_images(blobs: list, names: list[str], ds) -> None:
+    """Open every image's header (no full decode): one that cannot be identified, or sizes that
+    differ without ``image_size``, is refused naming the file or row (``./provenance validate``
+    and ``run`` check this before anything is written)."""
+    from PIL import Image, UnidentifiedImageError
+
+    first = None
+    for data, name in zip(blobs, names):
+        try:
+            with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as img:
+                size = img.size
+        except (UnidentifiedImageError, OSError) as e:
+            raise SourceError(f"dataset: cannot decode the image {name}: {e}") from None
+        if ds.image_size is None:
+            if first is None:
+                first = (size, name)
+            elif size != first[0]:
+                raise SourceError(f"dataset.image_size: {name} is {size[0]}x{size[1]} but {first[1]} is "
+                                  f"{first[0][0]}x{first[0][1]}; set image_size to resize them")
+
+
 def _stack(images: list[np.ndarray], names: list[str]) -> np.ndarray:
     shape = images[0].shape
     for img, name in zip(images, names):
@@ -191,7 +212,9 @@ def _image_folder(ds, labels_only):
     ids = np.array([f"{'test' if t else 'train'}/{f.relative_to(base).as_posix()}"
                     for files_, _, flags, base in parts for f, t in zip(files_, flags)])
     images = None
-    if not labels_only:
+    if labels_only == "probe":
+        probe_images(all_files, [str(f) for f in all_files], ds)
+    elif not labels_only:
         images = _decode_all([f.read_bytes() for f in all_files], [str(f) for f in all_files], ds)
     return RawData(np.concatenate([p[1] for p in parts]), ids, np.concatenate([p[2] for p in parts]),
                    classes, images, meta={"has_test_split": bool(ds.test_path)})
@@ -207,11 +230,11 @@ def _read_table(path: str, ds, key: str, labels_only: bool):
         schema = pq.read_schema(p)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise SourceError(f"dataset.{key}: {p} is not a readable Parquet file: {e}") from None
-    for col in (ds.label_column,) + (() if labels_only else (ds.image_column,)):
+    for col in (ds.label_column,) + (() if labels_only is True else (ds.image_column,)):
         if col not in schema.names:
             raise SourceError(f"dataset.{key}: {p} has no column {col!r} (columns: {schema.names})")
     cols = [ds.label_column] + [c for c in ("id", "poisoned") if c in schema.names]
-    if not labels_only:
+    if labels_only is not True:
         cols.append(ds.image_column)
     return pq.read_table(p, columns=cols).to_pydict()
 
@@ -233,18 +256,27 @@ def _parquet(ds, labels_only):
     for is_test, t in tables:
         n = len(t[ds.label_column])
         split = "test" if is_test else "train"
-        ids += [str(v) for v in t["id"]] if "id" in t else [f"{split}-{i:06d}" for i in range(n)]
+        own = [str(v) for v in t["id"]] if "id" in t else [f"{split}-{i:06d}" for i in range(n)]
+        if "id" in t and any(v is None for v in t["id"]):
+            raise SourceError(f"dataset.{'test_path' if is_test else 'path'}: the id column has a missing value "
+                              f"(row {[v is None for v in t['id']].index(True)})")
+        if len(set(own)) != len(own):    # ids are unique within a split; train and test may share values
+            seen: set = set()
+            dup = next(i for i, v in enumerate(own) if v in seen or seen.add(v))
+            raise SourceError(f"dataset.{'test_path' if is_test else 'path'}: the id column has duplicate values "
+                              f"(row {dup}: {own[dup]!r})")
+        ids += own
         flags += [is_test] * n
         poisoned += [(-1 if v is None else int(bool(v))) for v in t["poisoned"]] if "poisoned" in t else [-1] * n
-        if not labels_only:
+        if labels_only is not True:
             for i, v in enumerate(t[ds.image_column]):
                 data = v["bytes"] if isinstance(v, dict) else v
                 if data is None:
                     raise SourceError(f"dataset.image_column: row {i} of the {split} table has no image")
                 blobs.append(data)
                 names.append(f"in row {i} of the {split} table")
-    if len(set(ids)) != len(ids):
-        raise SourceError("dataset.path: the id column has duplicate values")
+    if labels_only == "probe":
+        probe_images(blobs, names, ds)
     return RawData(labels, np.asarray(ids), np.asarray(flags, bool), classes,
                    None if labels_only else _decode_all(blobs, names, ds), np.asarray(poisoned, np.int8),
                    meta={"has_test_split": bool(ds.test_path)})
@@ -286,7 +318,9 @@ def split_and_limit(raw: RawData, ds, seed: int) -> RawData:
     return raw.select(np.flatnonzero(keep))
 
 
-def load_source(ds, seed: int, labels_only: bool = False) -> RawData:
+def load_source(ds, seed: int, labels_only: bool | str = False) -> RawData:
+    """The source's examples, split and limited; ``labels_only``: True (no images) or "probe" (no
+    images, but every image's header opened: probe_images)."""
     raw = SOURCES[ds.source](ds, labels_only)
     raw = split_and_limit(raw, ds, seed)
     if not (~raw.is_test).any() or not raw.is_test.any():
@@ -294,8 +328,9 @@ def load_source(ds, seed: int, labels_only: bool = False) -> RawData:
     return raw
 
 
-def train_label_counts(ds, seed: int) -> dict[int, int]:
-    raw = load_source(ds, seed, labels_only=True)
+def train_label_counts(ds, seed: int, probe: bool = False) -> dict[int, int]:
+    """Training labels' counts; ``probe``: also open every image's header (image folders, Parquet)."""
+    raw = load_source(ds, seed, labels_only="probe" if probe else True)
     labels, counts = np.unique(raw.labels[~raw.is_test], return_counts=True)
     return {int(c): int(n) for c, n in zip(labels, counts)}
 

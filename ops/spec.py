@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -22,6 +23,22 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class SpecError(ValueError):
     """A spec was refused; the message names the file and the key."""
+
+
+def user_dir() -> Path:
+    """The directory the user started provenance from: ``$PROVENANCE_CWD`` (the ``./provenance``
+    wrapper sets it before it changes to the checkout), else the process's working directory."""
+    return Path(os.environ.get("PROVENANCE_CWD") or os.getcwd())
+
+
+def user_path(p: str | os.PathLike) -> Path:
+    """A path a user typed: ``~`` expanded, a relative one taken from :func:`user_dir`."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else user_dir() / p
+
+
+def _absolute(v):
+    return None if v is None else str(user_path(v))
 
 
 class _Section(BaseModel):
@@ -40,6 +57,11 @@ class DatasetSpec(_Section):
     channels: Literal[1, 3] = 3                     # for image_folder/parquet
     image_column: str = "image"
     label_column: str = "label"
+
+    @field_validator("path", "test_path")
+    @classmethod
+    def _user_paths(cls, v):        # relative paths: from the user's directory (user_dir), not the checkout
+        return _absolute(v)
 
     @model_validator(mode="after")
     def _paths(self):
@@ -67,6 +89,11 @@ class AttackSpec(_Section):
     sig_delta: float = Field(20.0, gt=0, le=255)       # sig: amplitude in pixel values (0-255)
     sig_frequency: float = Field(6.0, gt=0)            # sig: periods across the image width
     sig_test_delta: Optional[float] = Field(None, gt=0, le=255)   # sig: amplitude at test time
+
+    @field_validator("blend_image")
+    @classmethod
+    def _user_path(cls, v):
+        return _absolute(v)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -294,7 +321,7 @@ class DetectorSpec(_Section):
 class Spec(_Section):
     name: str
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     dataset: DatasetSpec = DatasetSpec()
     attack: AttackSpec = AttackSpec()
     model: ModelSpec = ModelSpec()
@@ -375,14 +402,18 @@ def load_spec_file(path: str | Path) -> Spec:
     return parse_spec(data, str(path))
 
 
-def validate_against_data(spec: Spec, where: str = "<spec>") -> dict[int, int]:
-    """Checks that need the data's labels. Returns the training label counts."""
+def validate_against_data(spec: Spec, where: str = "<spec>", probe_images: bool = False) -> dict[int, int]:
+    """Checks that need the data's labels (and, with ``probe_images``, every image's header).
+    Returns the training label counts."""
     from ops.sources import SourceError, train_label_counts
 
     try:
-        counts = train_label_counts(spec.dataset, spec.seed)
+        counts = train_label_counts(spec.dataset, spec.seed, probe=probe_images)
     except SourceError as e:
         raise SpecError(f"{where}: {e}") from None
+    if len(counts) < 2:
+        raise SpecError(f"{where}: dataset: the training split has {len(counts)} class"
+                        f"{'' if len(counts) == 1 else 'es'} ({sorted(counts)}); classification needs at least two")
     a = spec.attack
     if a.kind != "none":
         classes = sorted(counts)

@@ -2,8 +2,22 @@
 
 Schemas are fixed here (and documented in docs/tables.md); loading an experiment replaces its
 rows in one transaction, so a reader sees the old rows or the new ones, never a mix.
+
+Readers and writers never lock each other out (DuckDB allows one writing process per file, and
+no reader while it writes).  A writer (:func:`writing`) takes an exclusive lock on
+``warehouse.lock`` (writers queue; nothing is lost when two experiments finish together), copies
+the database to a private file, writes there and renames it over ``warehouse.duckdb``.  A reader
+(:func:`reader`) opens whatever file is there, read-only: it sees the snapshot of the last
+completed write, and one held open for hours never blocks a write (the rename leaves it its file).
 """
 from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -13,6 +27,7 @@ from ops.store import ArtifactStore
 TABLES: dict[str, str] = {
     "experiments": """experiment VARCHAR, spec_digest VARCHAR, spec_json VARCHAR, source VARCHAR,
         attack VARCHAR, n_train INTEGER, n_test INTEGER, loaded_at TIMESTAMP""",
+    "classes": "experiment VARCHAR, label INTEGER, class_name VARCHAR",
     "examples": """experiment VARCHAR, example_id VARCHAR, split VARCHAR, split_index INTEGER,
         label INTEGER, original_label INTEGER, poisoned BOOLEAN""",
     "subset_masks": "experiment VARCHAR, mask_index INTEGER, role VARCHAR, size INTEGER",
@@ -52,6 +67,64 @@ SOURCES: dict[str, list[tuple[str, str]]] = {
 }
 
 
+# What ``./provenance sql`` may do: read the warehouse, nothing else on the machine -- no files
+# read or written (COPY, read_csv, EXPORT), no ATTACH, no INSTALL/LOAD of extensions from disk, and
+# no setting changed (the configuration is locked).
+SANDBOX = {"enable_external_access": False, "autoload_known_extensions": False,
+           "autoinstall_known_extensions": False, "allow_community_extensions": False,
+           "lock_configuration": True}
+
+
+@contextmanager
+def reader(db: str | os.PathLike, sandbox: bool = False):
+    """A read-only connection to the last completed snapshot of the warehouse."""
+    import duckdb
+
+    db = Path(db)
+    if not db.exists():
+        raise FileNotFoundError(f"{db} does not exist yet: run an experiment first")
+    conn = duckdb.connect(str(db), read_only=True, config=dict(SANDBOX) if sandbox else {})
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def writing(db: str | os.PathLike) -> Iterator:
+    """A connection to a private copy of the warehouse, published by an atomic rename when the
+    block ends without an error (an error leaves the warehouse as it was).  Writers take turns."""
+    import duckdb
+
+    db = Path(db)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f"{db.stem}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = db.parent / f".{db.name}.{os.getpid()}.tmp"
+        wal = Path(f"{db}.wal")
+        for stale in (tmp, Path(f"{tmp}.wal")):
+            stale.unlink(missing_ok=True)
+        try:
+            if db.exists():
+                shutil.copyfile(db, tmp)
+                if wal.exists():      # a writer that died before checkpointing: replay its log too
+                    shutil.copyfile(wal, f"{tmp}.wal")
+            conn = duckdb.connect(str(tmp))
+            try:
+                yield conn
+                conn.execute("CHECKPOINT")
+            finally:
+                conn.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, db)
+            wal.unlink(missing_ok=True)
+        finally:
+            for leftover in (tmp, Path(f"{tmp}.wal")):
+                leftover.unlink(missing_ok=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def create_tables(conn) -> None:
     """Create missing tables, and add columns that a newer schema has to existing ones."""
     for name, cols in TABLES.items():
@@ -70,11 +143,14 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
                             "target_index": np.tile(np.arange(margins.shape[1]), margins.shape[0]),
                             "margin": margins.ravel().astype(np.float64)})
     examples = store.load_table(exp, "training_set", "examples.parquet")
+    meta = store.load_json(exp, "training_set", "meta.json")
     experiments = pd.DataFrame([{
         "experiment": exp, "spec_digest": spec.digest(), "spec_json": spec.model_dump_json(),
         "source": spec.dataset.source, "attack": spec.attack.kind,
         "n_train": int((examples["split"] == "train").sum()), "n_test": int((examples["split"] == "test").sum()),
         "loaded_at": pd.Timestamp.now(tz="UTC").tz_localize(None)}])
+    classes = pd.DataFrame({"experiment": exp, "label": np.arange(len(meta["classes"]), dtype=np.int64),
+                            "class_name": [str(c) for c in meta["classes"]]})
     from ops.methods import METHODS, Context
 
     paths = {t: [str(store.require(exp, a, f)) for a, f in files] for t, files in SOURCES.items()}
@@ -89,7 +165,8 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
             if table in paths:
                 conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [paths[table]])
             else:
-                conn.register("incoming", {"experiments": experiments, "model_outputs": outputs}[table])
+                conn.register("incoming", {"experiments": experiments, "model_outputs": outputs,
+                                           "classes": classes}[table])
                 conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
                 conn.unregister("incoming")
             counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]

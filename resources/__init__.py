@@ -46,9 +46,34 @@ class ComputeResource(ConfigurableResource):
 
         if self.threads > 0:
             torch.set_num_threads(self.threads)
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"compute device {self.device!r} requested but CUDA is not available")
-        return dev
+        return resolve_device(self.device)
+
+
+class DeviceError(ValueError):
+    """A compute device that is not a device, or not on this machine."""
+
+
+def resolve_device(name: str):
+    """torch.device for ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
+    ``mps``; a name that is not a device, or a device this machine does not have, is refused in
+    one line naming where it came from."""
+    import torch
+
+    where = "compute device (--device or $PROVENANCE_DEVICE)"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{where}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"{where}: {name!r}: provenance runs on auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{where}: {name!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{where}: {name!r} requested but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{where}: {name!r} requested but MPS is not available on this machine")
+    return dev

@@ -1,5 +1,6 @@
 """End to end: materialize the whole lineage for tiny specs and check the warehouse."""
 import io
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -98,8 +99,9 @@ def test_warehouse_holds_every_stage(tiny):
         assert (racc is not None) == (nf > 0), method
         assert ref is not None and 0.5 < ref <= 1
     assert (home / "artifacts" / "tiny" / "backdoor_report" / "top_flagged.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(checks) == {"models_above_chance", "features_finite", "scores_finite", "baseline_scores_finite",
-                           "enough_heldout_models", "detector_flagged_something"}
+    assert set(checks) == {"models_above_chance", "margins_finite", "features_finite", "scores_finite",
+                           "baseline_scores_finite", "enough_heldout_models", "lds_defined",
+                           "detector_flagged_something"}
     assert all(passed for name, passed in checks.items() if name != "detector_flagged_something")
 
 
@@ -315,3 +317,84 @@ def test_auto_projection_dimension_and_ridge_are_chosen_on_held_out_models(tmp_p
     result, _, home = run(tmp_path, "factored", fact, home="home2")
     assert result.success
     assert q(home, "SELECT count(DISTINCT method) FROM lds") == [(4,)]
+
+
+def _documented_tables() -> dict[str, dict[str, tuple[str, str]]]:
+    """docs/tables.md parsed: {table: {column: (type, meaning)}} from every "### name" section's
+    markdown table (a row may list several columns and their types, comma-separated)."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tables.md").read_text()
+    out: dict = {}
+    for section in re.split(r"^### ", doc, flags=re.M)[1:]:
+        name, body = section.split("\n", 1)
+        cols = {"experiment": ("VARCHAR", "")}
+        for line in body.splitlines():
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            if len(cells) != 3 or cells[0] in ("column", "---") or set(cells[0]) <= {"-"}:
+                continue
+            names, types = [c.strip() for c in cells[0].split(",")], [t.strip() for t in cells[1].split(",")]
+            types = types * len(names) if len(types) == 1 else types
+            assert len(types) == len(names), line
+            cols.update({n: (t, cells[2]) for n, t in zip(names, types)})
+        out[name.strip()] = cols
+    return out
+
+
+def test_tables_doc_matches_the_warehouse(tiny):
+    """Every table and column of docs/tables.md against the suite's warehouse: the same tables, the
+    same columns with the same types; a column whose meaning does not mention NULL holds no NULL;
+    a column whose meaning says "one of" holds only the values listed after it."""
+    import re
+
+    _, _, home = tiny
+    doc = _documented_tables()
+    tables = {r[0] for r in q(home, "SELECT table_name FROM information_schema.tables")}
+    assert tables == set(doc), f"documented but missing: {set(doc) - tables}; undocumented: {tables - set(doc)}"
+    for table, cols in doc.items():
+        got = {name: typ for name, typ, *_ in q(home, f"DESCRIBE {table}")}
+        assert got == {c: t for c, (t, _) in cols.items()}, table
+        assert q(home, f"SELECT count(*) FROM {table}")[0][0] > 0, f"{table} is empty in the suite's warehouse"
+        for col, (_, meaning) in cols.items():
+            if "NULL" not in meaning:
+                assert q(home, f"SELECT count(*) FROM {table} WHERE {col} IS NULL") == [(0,)], f"{table}.{col}"
+            if "one of" in meaning:
+                allowed = set(re.findall(r"`([^`]+)`", meaning.split("one of", 1)[1].split(":")[0]))
+                values = {r[0] for r in q(home, f"SELECT DISTINCT {col} FROM {table}")}
+                assert values <= allowed, f"{table}.{col}: {values - allowed} not documented"
+    # the class names of the labels
+    assert q(home, "SELECT label, class_name FROM classes WHERE experiment = 'tiny' ORDER BY label") == \
+        [(i, str(i)) for i in range(10)]
+
+
+def test_a_baseline_detector_that_cannot_run_is_recorded_not_fatal(tiny, tmp_path, monkeypatch):
+    """SPECTRE's robust covariance raises on data without variance: the report records the baseline
+    as failed (and why) and goes on; the strongest-feature detector's own failure still fails it."""
+    import shutil
+
+    import torch
+
+    from ops import detectors
+    from ops.backdoor import backdoor_report
+    from ops.spec import parse_spec
+    from ops.store import ArtifactStore
+
+    _, _, home = tiny
+    shutil.copytree(home / "artifacts" / "tiny", tmp_path / "tiny")
+    store = ArtifactStore(tmp_path)
+    spec = parse_spec({**TINY, "name": "tiny", "detector": {**TINY.get("detector", {}), "retrain": False,
+                                                            "methods": ["strongest_feature", "spectre"]}})
+
+    def degenerate(inp):
+        raise ValueError("The covariance matrix of the support data is equal to 0")
+    monkeypatch.setitem(detectors.DETECTORS, "spectre", degenerate)
+    said = []
+    out = backdoor_report(spec, store, "tiny", torch.device("cpu"), said.append)
+    assert out["failed_detectors"] == {"spectre": "ValueError: The covariance matrix of the support data is equal to 0"}
+    summary = store.load_table("tiny", "backdoor_report", "summary.parquet").set_index("method")
+    assert summary.loc["spectre", "flag_rule"].startswith("failed: ValueError") and summary.loc["spectre", "n_flagged"] == 0
+    assert set(store.load_table("tiny", "backdoor_report", "scores.parquet")["method"]) == {"strongest_feature"}
+    assert any("spectre: failed on this data" in s for s in said)
+    monkeypatch.setitem(detectors.DETECTORS, "strongest_feature", degenerate)
+    with pytest.raises(ValueError, match="covariance"):
+        backdoor_report(spec, store, "tiny", torch.device("cpu"), said.append)

@@ -84,8 +84,13 @@ def test_parquet_with_and_without_truth(tmp_path):
     assert raw.classes == ["a", "b"] and raw.is_test.sum() == 4
     assert raw.poisoned[~raw.is_test].tolist() == [1, 1] + [0] * 10
     assert (raw.poisoned[raw.is_test] == -1).all()
-    pq.write_table(table, tmp_path / "test.parquet")
-    with pytest.raises(SourceError, match="duplicate"):
+    # train and test may each number their ids from their own start: ids are unique per split
+    pq.write_table(test.append_column("id", pa.array([f"ex{i}" for i in range(4)])), tmp_path / "test.parquet")
+    raw = load_source(ds, 0)
+    assert raw.ids[raw.is_test].tolist() == ["ex0", "ex1", "ex2", "ex3"] and "ex0" in raw.ids[~raw.is_test]
+    twice = table.slice(0, 6).set_column(2, "id", pa.array(["a", "b", "c", "b", "d", "e"]))
+    pq.write_table(twice, tmp_path / "test.parquet")
+    with pytest.raises(SourceError, match=r"dataset.test_path: the id column has duplicate values \(row 3: 'b'\)"):
         load_source(ds, 0)
     pq.write_table(table.drop_columns(["label"]), tmp_path / "nolabel.parquet")
     with pytest.raises(SourceError, match="no column 'label'"):
