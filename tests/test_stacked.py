@@ -90,7 +90,7 @@ def test_collect_streams_the_models_and_bad_files_are_named_and_trained_again(tm
     refuses each, naming the file; planning lists them to train again, saying why; after the
     retraining the experiment collects, and nothing else was retrained."""
     from ops import training as T
-    from ops.store import ArtifactError
+    from ops.store import ArtifactError, ArtifactStore
 
     spec, store = _trained(tmp_path, TINY)
     T.collect_models(spec, store, "st", lambda s: None)
@@ -118,6 +118,14 @@ def test_collect_streams_the_models_and_bad_files_are_named_and_trained_again(tm
     assert sorted(j["model_id"] for shard in shards for j in shard) == [0, 2, 3]
     assert any(f"{paths[2].name}: tensor '{key}' is [3, 3], the spec's model needs" in s for s in said), said
     assert any(f"{paths[3].name}: unreadable" in s for s in said), said
+    # a model of another architecture under this key (metadata and shapes of a wider MLP)
+    other, _ = _trained(tmp_path / "other", {**TINY, "model": {"arch": "mlp", "hidden": 16}})
+    wide = T._experiment_jobs(other, ArtifactStore(tmp_path / "other"), "st")[4]
+    paths[4].write_bytes(ArtifactStore(tmp_path / "other").path("st", T.CKPT, wide["file"]).read_bytes())
+    said = []
+    shards = T.plan_shards(spec, store, "st", said.append)
+    assert sorted(j["model_id"] for shard in shards for j in shard) == [0, 2, 3, 4]
+    assert any(f"{paths[4].name}: its metadata says recipe_hash" in s for s in said), said
     untouched = paths[1].stat().st_mtime_ns
     for shard in shards:
         T.train_shard(spec, store, "st", shard, torch.device("cpu"), lambda s: None)
