@@ -220,8 +220,18 @@ def cmd_sql(args) -> int:
 
 
 def cmd_home(args) -> int:
-    """Prints the Dagster home (creating it), for ./provenance ui."""
-    print(ensure_dagster_home(_home()))
+    """Prints the Dagster home (creating it), for ./provenance ui; runs left as started by a
+    ./provenance run whose process is gone are marked failed first."""
+    d = ensure_dagster_home(_home())
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(d))
+    try:
+        for run_id in fail_dead_runs(instance):
+            print(f"run {run_id} was left as started by a process that is gone: marked failed", file=sys.stderr)
+    finally:
+        instance.dispose()
+    print(d)
     return 0
 
 
