@@ -54,6 +54,7 @@ def build(spec, store, exp, log):
 
     if store.path(exp, "checkpoints", "models.parquet").exists():
         try:
+            D.loader_files(spec, store, exp)   # rewritten in the current format (same digest: models stay)
             T._experiment_jobs(spec, store, exp)
             table = store.load_table(exp, "checkpoints", "models.parquet")
             if len(table) == spec.subsets.num_models + spec.subsets.num_heldout + 1:

@@ -104,6 +104,25 @@ def _nhwc(t: torch.Tensor, as_int) -> np.ndarray:
     return t.view(as_int).permute(0, 2, 3, 1).numpy()
 
 
+_POOL: list = []
+
+
+def _split_batch(kernel, n: int, *arrays) -> None:
+    """``kernel(*arrays)`` over the batch axis, on torch's intra-op thread count: the kernels release
+    the GIL, so slices of a large batch run in parallel (one big batch in one process: TRAK's
+    featurization).  With one thread (training, one model per core) it is one call, as before."""
+    threads = min(torch.get_num_threads(), n // 64)
+    if threads <= 1:
+        kernel(*arrays)
+        return
+    if not _POOL or _POOL[0]._max_workers < threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="relu-maxpool")]
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    list(_POOL[0].map(lambda se: kernel(*(a[se[0]:se[1]] for a in arrays)), zip(bounds[:-1], bounds[1:])))
+
+
 class _ReluMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -111,7 +130,8 @@ class _ReluMaxPool(torch.autograd.Function):
         as_int, mask = _INT[x.dtype]
         out = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype).permute(0, 3, 1, 2)
         arg = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
-        _forward(_nhwc(x, as_int), _nhwc(out, as_int), arg.numpy(), mask)
+        xs, outs, args = _nhwc(x, as_int), _nhwc(out, as_int), arg.numpy()
+        _split_batch(lambda a, b, c_: _forward(a, b, c_, mask), n, xs, outs, args)
         ctx.save_for_backward(arg)
         ctx.in_shape = (n, c, h, w)
         ctx.mark_non_differentiable(arg)
@@ -126,7 +146,7 @@ class _ReluMaxPool(torch.autograd.Function):
         # kernel's channel loops unit-stride (64x64x14x14 bf16: 185 -> 110 us, copy included)
         g = g.contiguous(memory_format=torch.channels_last)
         gin = torch.empty((n, h, w, c), dtype=g.dtype).permute(0, 3, 1, 2)
-        _backward(_nhwc(g, as_int), arg.numpy(), _nhwc(gin, as_int))
+        _split_batch(_backward, n, _nhwc(g, as_int), arg.numpy(), _nhwc(gin, as_int))
         return gin
 
 

@@ -267,24 +267,26 @@ class FactoredProjector:
 
     # per-layer pieces
     def _project_input(self, lp: LayerPlan, m: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        """(A P_in) with positions in the middle: [B, T, k_in] (contiguous for channels-last input)."""
+        """(A P_in)ᵀ with positions last: [B, k_in, T]."""
         if isinstance(m, nn.Linear):
             a = a.reshape(a.shape[0], -1, lp.d_in)                            # [B, T, d_in]
-            return a @ self.p_in[lp.name] if lp.name in self.p_in else a
+            return (a @ self.p_in[lp.name] if lp.name in self.p_in else a).transpose(1, 2)
         # a convolution with k_in filters (identity filters where the input is not projected:
         # oneDNN's convolution is faster than unfolding the patches)
         p_in = self.p_in[lp.name] if lp.name in self.p_in else torch.eye(lp.d_in, device=a.device)
         w = p_in.T.reshape(lp.k_in, m.in_channels, *m.kernel_size)
         out = F.conv2d(a, w, None, m.stride, m.padding, m.dilation)            # [B, k_in, H', W']
-        return out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, lp.k_in)
+        return out.flatten(2)
 
     def _project_output(self, lp: LayerPlan, m: nn.Module, d: torch.Tensor) -> torch.Tensor:
-        """(Δ P_out) with positions in the middle: [B, T, k_out]."""
+        """(Δ P_out)ᵀ with positions last: [B, k_out, T].  For a convolution, a 1x1 convolution with
+        k_out filters: no copy of the output gradient into positions-major order."""
         if isinstance(m, nn.Linear):
             d = d.reshape(d.shape[0], -1, lp.d_out)
-        else:
-            d = d.permute(0, 2, 3, 1).reshape(d.shape[0], -1, lp.d_out)       # [B, T, c_out]
-        return d @ self.p_out[lp.name] if lp.name in self.p_out else d
+            return (d @ self.p_out[lp.name] if lp.name in self.p_out else d).transpose(1, 2)
+        if lp.name in self.p_out:
+            d = F.conv2d(d, self.p_out[lp.name].T.reshape(lp.k_out, lp.d_out, 1, 1))
+        return d.flatten(2)                                                    # [B, k_out, T]
 
     def chunk(self, x: torch.Tensor) -> int:
         if self._chunk is None:
@@ -311,16 +313,14 @@ class FactoredProjector:
         saved, grads, calls = {}, {}, {}
         handles = []
 
-        zero = torch.zeros((), device=x.device, requires_grad=True)
-
         def fwd(name):
             def hook(m, inputs, out):
                 calls[name] = calls.get(name, 0) + 1
                 key = (name, calls[name])
                 saved[key] = inputs[0].detach()
-                if not out.requires_grad:      # the first hooked layer: start the graph here, so the
-                    out = out + zero           # backward stops at it (no gradient of the input)
-                out.register_hook(lambda g, key=key: grads.__setitem__(key, g.detach()))
+                if not out.requires_grad:      # the first hooked layer: its output has no history (a
+                    out.requires_grad_(True)   # leaf), so the graph starts there and the backward stops
+                out.register_hook(lambda g, key=key: grads.__setitem__(key, g.detach()))   # at it, no copy
                 return out
             return hook
 
@@ -346,9 +346,9 @@ class FactoredProjector:
                 raise RuntimeError(f"factored projector: layer {lp.name!r} was not called in the forward pass")
             acc = None
             for kk in keys:
-                a = self._project_input(lp, m, saved[kk])
-                d = self._project_output(lp, m, grads[kk])
-                phi = torch.bmm(d.transpose(1, 2), a).reshape(b, -1)     # [B, k_out * k_in]
+                a = self._project_input(lp, m, saved[kk])                 # [B, k_in, T]
+                d = self._project_output(lp, m, grads[kk])                # [B, k_out, T]
+                phi = torch.bmm(d, a.transpose(1, 2)).reshape(b, -1)     # [B, k_out * k_in]
                 acc = phi if acc is None else acc + phi
             parts.append(acc)
         if self.rest_matrix is not None:

@@ -10,8 +10,10 @@ def _cl(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (2, 7, 9, 11), (4, 16, 28, 28)])
+@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (2, 7, 9, 11), (4, 16, 28, 28), (197, 6, 9, 7)])
 def test_forward_and_backward_equal_pytorch(dtype, shape):
+    """(The last shape is a batch large enough to be split over the two threads the suite runs
+    with: slices of the batch on threads give the same bits.)"""
     g = torch.Generator().manual_seed(sum(shape))
     x = _cl(torch.randn(shape, generator=g).to(dtype))
     # ties, zeros and negative zeros on purpose: quantize a third of the entries
