@@ -65,7 +65,7 @@ def fail_dead_runs(instance) -> list[str]:
     for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING,
                                                       DagsterRunStatus.NOT_STARTED])):
         pid, host = run.tags.get(PID_TAG), run.tags.get(HOST_TAG)
-        if pid is None or host != socket.gethostname() or int(pid) == os.getpid():
+        if not str(pid).isdigit() or host != socket.gethostname() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
