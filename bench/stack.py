@@ -3,12 +3,12 @@
 ``collect_models`` writes every model of an experiment into one ``models.safetensors`` ([M, ...]
 per tensor).  The peer here is the obvious way, and what provenance did before: load every model,
 ``torch.stack``, safetensors' ``save_file`` (kernels.stacked.write_stacked_reference); it holds all
-M models (ResNet-9 x 512 models: about 13 GB).  provenance's ``write_stacked`` copies one tensor of
+M models, twice (the loaded list and the stacked copy).  provenance's ``write_stacked`` copies one tensor of
 one model at a time.  Each system runs in its own process (peak RSS is a process's high-water
 mark), on the same M files of the repository's CIFAR-shaped ResNet-9 (random weights), and both
 outputs are checked equal.
 
-    python bench/stack.py              # M = 128 ResNet-9s (about 2.3 GB stacked)
+    python bench/stack.py              # M = 128 ResNet-9s (8.7 MiB each, 1.1 GiB stacked)
     python bench/stack.py --quick      # M = 16
 """
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``models.safetensors`` holds every model of an experiment, each tensor stacked along a new first
 axis ([M, *shape]).  Stacking them in memory (torch.stack, then safetensors' ``save_file``) holds
-all M models at once: 13 GB for 512 ResNet-9s.  :func:`write_stacked` writes the same format
+all M models, twice (the loaded list and the stacked copy): 2.7 GiB peak for 128 of the
+repository's ResNet-9s (8.7 MiB each), ~9 GiB for 512 (bench/stack.py).  :func:`write_stacked` writes the same format
 streaming: it lays out the header from the first file's shapes, sizes the file, and copies each
 source's tensors to their slots with ``os.pwrite``, so memory is one tensor of one model.
 
