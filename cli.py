@@ -219,6 +219,39 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    """Score new query examples against a finished experiment (ops/newdata.py): no model is
+    retrained and no training feature recomputed; the batch lands in the warehouse's ``queries``
+    and ``query_attributions`` tables, and each query's top supporting training examples print."""
+    from ops.newdata import QueryError, read_queries, score_queries
+    from ops.spec import SpecError, load_spec_file, user_path
+    from ops.store import ArtifactError, ArtifactStore
+    from ops.warehouse import load_query_batch, writing
+    from resources import DeviceError, resolve_device
+
+    home = _home()
+    try:
+        spec = load_spec_file(_resolve_spec(args.experiment))
+        device = resolve_device(args.device or os.environ.get("PROVENANCE_DEVICE", "auto"))
+        store = ArtifactStore(home / "artifacts")
+        queries = read_queries(spec, store, spec.name, user_path(args.path))
+        out = score_queries(spec, store, spec.name, queries, device,
+                            log=lambda m: print(m, file=sys.stderr) if args.verbose else None)
+    except (SpecError, DeviceError, QueryError, ArtifactError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    with writing(home / "warehouse.duckdb") as conn:
+        load_query_batch(conn, spec.name, out["batch"], out["queries_table"], out["top"])
+    top, rows = out["top"], out["queries_table"]
+    print(f"{spec.name}: scored {out['queries']} queries (batch {out['batch']}) in {out['seconds']:.1f}s; "
+          f"warehouse tables queries, query_attributions")
+    for r in rows.itertuples():
+        print(f"\n{r.query_id}  [{r.class_name}, {r.label_source}; margin {r.margin_full:+.2f}]")
+        for t in top[top["query_index"] == r.query_index].head(args.top).itertuples():
+            print(f"  {t.rank:>3}. {t.train_id:<28} score {t.score:+.4g}")
+    return 0
+
+
 def cmd_home(args) -> int:
     """Prints the Dagster home (creating it), for ./provenance ui; runs left as started by a
     ./provenance run whose process is gone are marked failed first."""
@@ -253,6 +286,14 @@ def main(argv=None) -> int:
     s.add_argument("query")
     s.add_argument("--max-rows", type=int, default=40)
     s.set_defaults(fn=cmd_sql)
+    sc = sub.add_parser("score", help="attribute new query examples (image files or Parquet) to the training "
+                                      "data of a finished experiment, without retraining")
+    sc.add_argument("experiment", help="experiment name or spec path")
+    sc.add_argument("path", help="an image file, a Parquet table, or a folder of them (class subfolders label them)")
+    sc.add_argument("--top", type=int, default=5, help="training examples printed per query")
+    sc.add_argument("--device", help="auto | cpu | cuda (default: $PROVENANCE_DEVICE or auto)")
+    sc.add_argument("--verbose", action="store_true")
+    sc.set_defaults(fn=cmd_score)
     h = sub.add_parser("dagster-home", help="print (and create) the Dagster instance folder")
     h.set_defaults(fn=cmd_home)
     args = p.parse_args(argv)

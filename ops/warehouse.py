@@ -46,6 +46,11 @@ TABLES: dict[str, str] = {
         ci95_high DOUBLE""",
     "backdoor_scores": """experiment VARCHAR, method VARCHAR, train_index INTEGER, example_id VARCHAR,
         score DOUBLE, rank INTEGER, flagged BOOLEAN, poisoned BOOLEAN""",
+    "queries": """experiment VARCHAR, batch VARCHAR, query_index INTEGER, query_id VARCHAR, source_file VARCHAR,
+        label INTEGER, class_name VARCHAR, label_source VARCHAR, predicted INTEGER, margin_full DOUBLE,
+        margin_mean DOUBLE, scored_at TIMESTAMP""",
+    "query_attributions": """experiment VARCHAR, batch VARCHAR, method VARCHAR, query_index INTEGER,
+        query_id VARCHAR, rank INTEGER, train_index INTEGER, train_id VARCHAR, score DOUBLE, source_file VARCHAR""",
     "backdoor_summary": """experiment VARCHAR, method VARCHAR, n_poisoned INTEGER, n_flagged INTEGER,
         precision DOUBLE, recall DOUBLE, recall_at_budget DOUBLE, auroc DOUBLE,
         retrain_accuracy DOUBLE, retrain_attack_success_rate DOUBLE, recall_at_fpr01 DOUBLE,
@@ -160,7 +165,7 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
     counts = {}
     conn.execute("BEGIN TRANSACTION")
     try:
-        for table in TABLES:
+        for table in (t for t in TABLES if t not in QUERY_TABLES):   # query batches are not the run's
             conn.execute(f"DELETE FROM {table} WHERE experiment = ?", [exp])
             if table in paths:
                 conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [paths[table]])
@@ -170,6 +175,30 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
                 conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
                 conn.unregister("incoming")
             counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return counts
+
+
+QUERY_TABLES = ("queries", "query_attributions")
+
+
+def load_query_batch(conn, exp: str, batch: str, queries: pd.DataFrame, top: pd.DataFrame) -> dict[str, int]:
+    """Add one batch of scored query examples (ops/newdata.py): its rows replace that batch's
+    earlier rows, if any; every other row -- the experiment's own targets, other batches -- is
+    untouched."""
+    create_tables(conn)
+    counts = {}
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for table, df in (("queries", queries), ("query_attributions", top)):
+            conn.execute(f"DELETE FROM {table} WHERE experiment = ? AND batch = ?", [exp, batch])
+            conn.register("incoming", df)
+            conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+            conn.unregister("incoming")
+            counts[table] = len(df)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

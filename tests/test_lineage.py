@@ -319,6 +319,75 @@ def test_auto_projection_dimension_and_ridge_are_chosen_on_held_out_models(tmp_p
     assert q(home, "SELECT count(DISTINCT method) FROM lds") == [(4,)]
 
 
+_QUERIES: dict = {}
+
+
+def _scored_queries(tiny, tmp_path_factory):
+    """Five of tiny's own test images as PNG query files (four labelled by their class subfolder,
+    one not), scored through ``./provenance score`` (once per module)."""
+    if "out" in _QUERIES:
+        return _QUERIES["out"]
+    from PIL import Image
+
+    import os
+    import subprocess
+    import sys
+
+    tmp, _, home = tiny
+    art = home / "artifacts" / "tiny" / "training_set"
+    images, labels = np.load(art / "test_images.npy"), np.load(art / "test_labels.npy")
+    folder = tmp_path_factory.mktemp("queries")
+    for i in range(5):
+        dest = folder / (str(labels[i]) if i < 4 else "") / f"q{i}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        img = images[i][..., 0] if images.shape[-1] == 1 else images[i]
+        Image.fromarray(img).save(dest)
+    env = {**os.environ, "PROVENANCE_HOME": str(home), "PROVENANCE_EXPERIMENTS": str(tmp / "experiments")}
+    root = Path(__file__).resolve().parents[1]
+    before = q(home, "SELECT count(*), sum(score) FROM attributions")
+    out = subprocess.run([sys.executable, "cli.py", "score", "tiny", str(folder), "--top", "3"], cwd=root, env=env,
+                         capture_output=True, text=True)
+    _QUERIES["out"] = (out, folder, before, labels[:5])
+    return _QUERIES["out"]
+
+
+def test_new_queries_are_scored_without_retraining(tiny, tmp_path_factory):
+    """A query equal to a test example gets that example's TRAK scores (same features, same stored
+    training features); the batch lands in the warehouse and earlier rows are untouched."""
+    from kernels.npyio import NpyFile
+
+    out, folder, before, labels = _scored_queries(tiny, tmp_path_factory)
+    _, _, home = tiny
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tiny: scored 5 queries" in out.stdout and "q4.png  [" in out.stdout and "predicted" in out.stdout
+    assert q(home, "SELECT count(*), sum(score) FROM attributions") == before          # untouched
+    rows = q(home, "SELECT query_id, label, label_source, batch FROM queries ORDER BY query_index")
+    assert [r[0] for r in rows] == sorted(f"{labels[i]}/q{i}.png" for i in range(4)) + ["q4.png"]
+    test_index = [int(r[0].split("/q")[-1].split("q")[-1].split(".")[0]) for r in rows]   # which test image
+    assert [r[1] for r in rows[:4]] == [int(labels[i]) for i in test_index[:4]]
+    assert [r[2] for r in rows] == ["given"] * 4 + ["predicted"]
+    batch = rows[0][3]
+    with NpyFile(home / "artifacts" / "tiny" / "queries" / batch / "trak_scores.npy") as f, \
+            NpyFile(home / "artifacts" / "tiny" / "attribution_scores" / "test_x_train.npy") as t:
+        got, want = f.read(0, 4), t.read(0, 5)[test_index[:4]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    top = q(home, "SELECT query_index, rank, train_index FROM query_attributions WHERE rank = 1 ORDER BY query_index")
+    assert [r[2] for r in top[:4]] == [int(np.argmax(want[i])) for i in range(4)]
+
+
+def test_a_bad_query_file_is_named(tiny, tmp_path, capsys, monkeypatch):
+    tmp, _, home = tiny
+    monkeypatch.setenv("PROVENANCE_HOME", str(home))
+    monkeypatch.setenv("PROVENANCE_EXPERIMENTS", str(tmp / "experiments"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    from cli import main
+
+    assert main(["score", "tiny", str(tmp_path / "broken.png")]) == 2
+    assert f"{tmp_path / 'broken.png'}: cannot decode the image" in capsys.readouterr().err
+    assert main(["score", "tiny", str(tmp_path / "nothing-here")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
 def _documented_tables() -> dict[str, dict[str, tuple[str, str]]]:
     """docs/tables.md parsed: {table: {column: (type, meaning)}} from every "### name" section's
     markdown table (a row may list several columns and their types, comma-separated)."""
@@ -341,13 +410,14 @@ def _documented_tables() -> dict[str, dict[str, tuple[str, str]]]:
     return out
 
 
-def test_tables_doc_matches_the_warehouse(tiny):
+def test_tables_doc_matches_the_warehouse(tiny, tmp_path_factory):
     """Every table and column of docs/tables.md against the suite's warehouse: the same tables, the
     same columns with the same types; a column whose meaning does not mention NULL holds no NULL;
     a column whose meaning says "one of" holds only the values listed after it."""
     import re
 
     _, _, home = tiny
+    _scored_queries(tiny, tmp_path_factory)          # the query tables are filled by ./provenance score
     doc = _documented_tables()
     tables = {r[0] for r in q(home, "SELECT table_name FROM information_schema.tables")}
     assert tables == set(doc), f"documented but missing: {set(doc) - tables}; undocumented: {tables - set(doc)}"
