@@ -13,7 +13,7 @@ from pathlib import Path
 from dagster import Definitions
 from dagster_duckdb import DuckDBResource
 
-from assets import ALL_ASSETS, ALL_CHECKS, experiment_specs_sensor, lineage_job
+from assets import ALL_ASSETS, ALL_CHECKS, experiment_specs_sensor, inbox_sensor, lineage_job, score_queries_job
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
 
 PROJECT = Path(__file__).resolve().parent
@@ -43,5 +43,6 @@ def make_resources(home_dir: Path | None = None, exp_dir: Path | None = None) ->
     }
 
 
-defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[lineage_job], sensors=[experiment_specs_sensor],
+defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[lineage_job, score_queries_job],
+                   sensors=[experiment_specs_sensor, inbox_sensor],
                    resources=make_resources())

@@ -322,6 +322,7 @@ class Spec(_Section):
     name: str
     description: str = ""
     seed: int = Field(0, ge=0, lt=2**31)
+    inbox: Optional[str] = None       # folder of new query examples (default: <store>/<name>/inbox)
     dataset: DatasetSpec = DatasetSpec()
     attack: AttackSpec = AttackSpec()
     model: ModelSpec = ModelSpec()
@@ -331,6 +332,11 @@ class Spec(_Section):
     datamodels: DatamodelsSpec = DatamodelsSpec()
     lds: LdsSpec = LdsSpec()
     detector: DetectorSpec = DetectorSpec()
+
+    @field_validator("inbox")
+    @classmethod
+    def _inbox(cls, v):
+        return _absolute(v)
 
     @field_validator("name")
     @classmethod

@@ -468,3 +468,40 @@ def test_a_baseline_detector_that_cannot_run_is_recorded_not_fatal(tiny, tmp_pat
     monkeypatch.setitem(detectors.DETECTORS, "strongest_feature", degenerate)
     with pytest.raises(ValueError, match="covariance"):
         backdoor_report(spec, store, "tiny", torch.device("cpu"), said.append)
+
+
+def test_inbox_sensor_scores_each_new_file_once(tiny, tmp_path_factory):
+    """A new file in tiny's inbox -> one run request; the same file on the next tick -> none; a
+    file that is not an image -> a skip reason naming it; the requested run scores the file into
+    the warehouse without touching the experiment's own rows."""
+    from dagster import DagsterInstance, SkipReason, build_sensor_context
+    from PIL import Image
+
+    from assets.inbox import inbox_sensor, score_queries_job
+
+    tmp, _, home = tiny
+    resources = make_resources(home, tmp / "experiments")
+    inbox = home / "artifacts" / "tiny" / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    img = np.load(home / "artifacts" / "tiny" / "training_set" / "test_images.npy")[7]
+    Image.fromarray(np.roll(img, 1, axis=0)[..., 0] if img.shape[-1] == 1 else img).save(inbox / "new.png")
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("experiments", ["tiny"])
+        sensor_resources = {k: resources[k] for k in ("experiments", "store")}
+        first = inbox_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
+        assert len(first.run_requests) == 1
+        request = first.run_requests[0]
+        assert request.tags["inbox_file"] == "new.png" and request.run_key.startswith("tiny:new.png:")
+        again = inbox_sensor(build_sensor_context(instance=instance, resources=sensor_resources, cursor=first.cursor))
+        assert not again.run_requests
+        (inbox / "notes.png").write_bytes(b"not an image at all")
+        bad = inbox_sensor(build_sensor_context(instance=instance, resources=sensor_resources, cursor=again.cursor))
+        assert not bad.run_requests and "notes.png" in bad.skip_reason.skip_message \
+            and "cannot decode" in bad.skip_reason.skip_message
+        (inbox / "notes.png").unlink()
+        before = q(home, "SELECT count(*), sum(score) FROM attributions")
+        result = score_queries_job.execute_in_process(run_config=request.run_config, resources=resources,
+                                                      instance=instance)
+        assert result.success
+    assert q(home, "SELECT count(*), sum(score) FROM attributions") == before
+    assert q(home, "SELECT count(*) FROM queries WHERE query_id = 'new.png'") == [(1,)]
