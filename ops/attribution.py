@@ -378,9 +378,15 @@ def lds_curve(spec: Spec, store: ArtifactStore, exp: str, x: np.ndarray, actual:
     for m in _curve_sizes(len(fit)):
         if m < 2:
             continue
-        res = _fit(spec, masks, margins, fit[:m], val, lambda _: None, f"datamodels ({m} models)")
-        value, low, high, _ = lds_bootstrap(x @ res.weight + res.bias, actual, n_boot=spec.lds.bootstrap,
-                                            seed=spec.seed)
+        if m == len(fit) and store.path(exp, DM, "weight.npy").exists():
+            # all the fitting models: exactly the datamodel_weights asset's fit (same models, split and
+            # settings), so its stored weights are used instead of fitting the whole path again
+            w = np.asarray(store.load_npy(exp, DM, "weight.npy"), np.float64)
+            b = np.asarray(store.load_npy(exp, DM, "bias.npy"), np.float64)
+        else:
+            res = _fit(spec, masks, margins, fit[:m], val, lambda _: None, f"datamodels ({m} models)")
+            w, b = res.weight, res.bias
+        value, low, high, _ = lds_bootstrap(x @ w + b, actual, n_boot=spec.lds.bootstrap, seed=spec.seed)
         rows.append({"experiment": exp, "method": "datamodels", "num_models": m, "lds": value, "ci95_low": low,
                      "ci95_high": high})
     table = pd.DataFrame(rows)
