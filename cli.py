@@ -1,4 +1,4 @@
-"""Command line: ``provenance run|validate|report|sql``.
+"""Command line: ``provenance run|validate|report|sql|score|stale|delete``.
 
 ``run`` materializes the whole lineage of one experiment in the project's Dagster instance
 (``$PROVENANCE_HOME/dagster``), so the Dagster UI started on the same home shows the run, its
@@ -138,9 +138,22 @@ def cmd_run(args) -> int:
         print(f"run {run_id} was left as started by a process that is gone: marked failed", file=sys.stderr)
     if not instance.has_dynamic_partition(experiments_partitions.name, spec.name):
         instance.add_dynamic_partitions(experiments_partitions.name, [spec.name])
+    from assets.sensors import EXPERIMENT_TAG
+    from assets.sources import record
+    from ops.spec import SPEC_TAG, pin_spec
+    from ops.versions import versions
+
     t0 = time.perf_counter()
+    # what this run reads, as the sources' data versions (stale status), and the spec it pins
+    record(instance, spec.name, versions(spec, home / "artifacts" / ".cache" / "file_digests.json"))
+    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), EXPERIMENT_TAG: spec.name,
+            SPEC_TAG: pin_spec(spec, home / "artifacts")}
+    selection = _selection(instance, spec.name) if args.stale else None
+    if selection == []:
+        print(f"{spec.name}: nothing is stale; nothing to run")
+        return 0
     result = materialize([*ALL_ASSETS, *ALL_CHECKS], partition_key=spec.name, instance=instance, raise_on_error=False,
-                         tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
+                         tags=tags, selection=selection,
                          resources=make_resources(home, path.parent),
                          run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}})
     elapsed = time.perf_counter() - t0
@@ -164,6 +177,99 @@ def cmd_run(args) -> int:
         print(f"run {result.run_id}: asset checks failed: {', '.join(errors)} (their metadata in the Dagster UI "
               f"says what is wrong); the results above are not to be trusted", file=sys.stderr)
         return 3
+    return 0
+
+
+def _selection(instance, exp: str):
+    """The stale and never-materialized assets of ``exp`` and everything downstream of them."""
+    from dagster import AssetKey, AssetSelection
+
+    from assets.sources import stale_assets
+
+    stale = stale_assets(instance, exp)
+    print(f"{exp}: stale or missing: {', '.join(stale) or 'nothing'}", file=sys.stderr)
+    return AssetSelection.assets(*[AssetKey.from_user_string(k) for k in stale]).downstream() if stale else []
+
+
+def cmd_stale(args) -> int:
+    """Observes the experiment's sources (its spec's sections, its dataset's files) and prints what
+    Dagster now considers stale, with the causes: what the next run, or the UI, would re-materialize."""
+    from ops.spec import SpecError, load_spec_file
+
+    try:
+        spec = load_spec_file(_resolve_spec(args.experiment))
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 2
+    home = _home()
+    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(home))
+    from dagster import DagsterInstance
+
+    from assets.sources import record, stale_assets
+    from ops.versions import versions
+
+    with DagsterInstance.get() as instance:
+        changed = record(instance, spec.name, versions(spec, home / "artifacts" / ".cache" / "file_digests.json"))
+        stale = stale_assets(instance, spec.name)
+    if changed:
+        print(f"{spec.name}: changed since last observed: {', '.join(sorted(changed))}")
+    if not stale:
+        print(f"{spec.name}: every asset is up to date")
+    for key, causes in stale.items():
+        print(f"{key:<24} {'; '.join(causes)}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    """Deletes an experiment: its artifacts (models, features, scores, inbox), its warehouse rows and
+    its Dagster partition (run history stays in the instance's event log).  The spec file must be
+    gone first, or be removed with ``--spec``, or the specs sensor would bring the experiment back."""
+    import shutil
+
+    from definitions import experiments_dir
+    from ops.spec import NAME_RE
+
+    name, home = args.experiment, _home()
+    if not NAME_RE.match(name):
+        print(f"delete: {name!r} is not an experiment name", file=sys.stderr)
+        return 2
+    spec_file = experiments_dir() / f"{name}.yaml"
+    artifacts = home / "artifacts" / name
+    db = home / "warehouse.duckdb"
+    if spec_file.exists() and not args.spec:
+        print(f"delete: {spec_file} still exists; remove it first, or pass --spec to delete it too",
+              file=sys.stderr)
+        return 2
+    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(home))
+    from dagster import DagsterInstance
+
+    from assets.common import experiments_partitions
+
+    with DagsterInstance.get() as instance:
+        known = instance.has_dynamic_partition(experiments_partitions.name, name)
+        if not (known or artifacts.exists() or spec_file.exists()):
+            print(f"delete: no experiment {name!r} in {home}", file=sys.stderr)
+            return 2
+        if not args.yes:
+            print(f"would delete: {artifacts}{' (absent)' if not artifacts.exists() else ''}; the rows of "
+                  f"{name!r} in {db}; partition {name!r}" + (f"; {spec_file}" if spec_file.exists() else "")
+                  + "\n  pass --yes to delete them", file=sys.stderr)
+            return 1
+        counts = {}
+        if db.exists():
+            from ops.warehouse import delete_experiment, writing
+
+            with writing(db) as conn:
+                counts = delete_experiment(conn, name)
+        if artifacts.exists():
+            shutil.rmtree(artifacts)
+        if known:
+            instance.delete_dynamic_partition(experiments_partitions.name, name)
+        if spec_file.exists():
+            spec_file.unlink()
+    rows = sum(counts.values())
+    print(f"deleted {name}: artifacts {artifacts}, {rows} warehouse rows, partition"
+          + (f", {spec_file}" if args.spec else ""))
     return 0
 
 
@@ -275,7 +381,17 @@ def main(argv=None) -> int:
     r.add_argument("spec", help="experiment name (experiments/<name>.yaml) or path to a spec")
     r.add_argument("--device", help="auto | cpu | cuda (default: $PROVENANCE_DEVICE or auto)")
     r.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.add_argument("--stale", action="store_true",
+                   help="materialize only what is stale or missing (and what is downstream of it)")
     r.set_defaults(fn=cmd_run)
+    st = sub.add_parser("stale", help="observe an experiment's spec and dataset and list its stale assets")
+    st.add_argument("experiment", help="experiment name or spec path")
+    st.set_defaults(fn=cmd_stale)
+    d = sub.add_parser("delete", help="delete an experiment's artifacts, warehouse rows and partition")
+    d.add_argument("experiment", help="experiment name")
+    d.add_argument("--spec", action="store_true", help="delete experiments/<name>.yaml too")
+    d.add_argument("--yes", action="store_true", help="do it (without: print what would be deleted)")
+    d.set_defaults(fn=cmd_delete)
     v = sub.add_parser("validate", help="check a spec (and its dataset's labels) without running it")
     v.add_argument("spec")
     v.set_defaults(fn=cmd_validate)

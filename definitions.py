@@ -37,7 +37,7 @@ def make_resources(home_dir: Path | None = None, exp_dir: Path | None = None) ->
     exp_dir = exp_dir or experiments_dir()
     return {
         "store": ArtifactStoreResource(root=str(h / "artifacts")),
-        "experiments": ExperimentsResource(directory=str(Path(exp_dir).resolve())),
+        "experiments": ExperimentsResource(directory=str(Path(exp_dir).resolve()), pins=str(h / "artifacts")),
         "compute": ComputeResource(device=os.environ.get("PROVENANCE_DEVICE", "auto")),
         "duckdb": DuckDBResource(database=str(h / "warehouse.duckdb")),
     }

@@ -7,12 +7,13 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
                      MaterializeResult, MetadataValue, asset)
 
 from assets.common import experiments_partitions, metadata
+from assets.sources import source_deps
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
 
 GROUP = "attribution"
 
 
-@asset(deps=["checkpoints"], partitions_def=experiments_partitions, group_name=GROUP, kinds={"pytorch", "numpy"},
+@asset(deps=["checkpoints", *source_deps("spec/trak")], partitions_def=experiments_partitions, group_name=GROUP, kinds={"pytorch", "numpy"},
        check_specs=[AssetCheckSpec("features_finite", asset="gradient_features", blocking=True,
                                    description="Projected gradients and Q hold no NaN or inf.")],
        code_version="1")
@@ -45,7 +46,7 @@ def attribution_scores(context: AssetExecutionContext, experiments: ExperimentsR
     yield AssetCheckResult(check_name="scores_finite", passed=summary["finite"], severity=AssetCheckSeverity.ERROR)
 
 
-@asset(deps=["model_outputs", "subset_masks"], partitions_def=experiments_partitions, group_name=GROUP,
+@asset(deps=["model_outputs", "subset_masks", *source_deps("spec/datamodels")], partitions_def=experiments_partitions, group_name=GROUP,
        kinds={"numpy"}, code_version="1")
 def datamodel_weights(context: AssetExecutionContext, experiments: ExperimentsResource,
                       store: ArtifactStoreResource, compute: ComputeResource) -> MaterializeResult:
@@ -77,7 +78,8 @@ def baseline_attributions(context: AssetExecutionContext, experiments: Experimen
                            severity=AssetCheckSeverity.ERROR)
 
 
-@asset(deps=["attribution_scores", "datamodel_weights", "baseline_attributions", "model_outputs"],
+@asset(deps=["attribution_scores", "datamodel_weights", "baseline_attributions", "model_outputs",
+             *source_deps("spec/lds")],
        partitions_def=experiments_partitions, group_name=GROUP, kinds={"parquet"},
        check_specs=[AssetCheckSpec("enough_heldout_models", asset="lds_evaluation",
                                    description="LDS rests on at least lds.min_heldout held-out subsets."),

@@ -6,10 +6,11 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
                      MaterializeResult, MetadataValue, asset)
 
 from assets.common import experiments_partitions, metadata
+from assets.sources import source_deps
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
 
 
-@asset(deps=["attribution_scores", "poison_truth", "checkpoints"], partitions_def=experiments_partitions,
+@asset(deps=["attribution_scores", "poison_truth", "checkpoints", *source_deps("spec/detector")], partitions_def=experiments_partitions,
        group_name="backdoor", kinds={"numba", "parquet"},
        check_specs=[AssetCheckSpec("detector_flagged_something", asset="backdoor_report",
                                    description="The report's first detector (strongest feature by default) flagged at least one example.")],

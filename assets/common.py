@@ -1,6 +1,11 @@
 """What every stage shares: the experiments partition, and turning a stage summary into metadata."""
 
+import os
+
 from dagster import DynamicPartitionsDefinition, MetadataValue
+
+# seconds between sensor ticks (the tests shorten it)
+SENSOR_INTERVAL = int(os.environ.get("PROVENANCE_SENSOR_INTERVAL", "30"))
 
 experiments_partitions = DynamicPartitionsDefinition(name="experiments")
 

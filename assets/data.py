@@ -3,12 +3,14 @@
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, asset, multi_asset
 
 from assets.common import experiments_partitions, metadata
+from assets.sources import source_deps
 from resources import ArtifactStoreResource, ExperimentsResource
 
 GROUP = "data"
 
 
-@asset(partitions_def=experiments_partitions, group_name=GROUP, kinds={"numpy"}, code_version="1")
+@asset(deps=source_deps("dataset_files", "spec/dataset"), partitions_def=experiments_partitions, group_name=GROUP,
+       kinds={"numpy"}, code_version="1")
 def raw_dataset(context: AssetExecutionContext, experiments: ExperimentsResource,
                 store: ArtifactStoreResource) -> MaterializeResult:
     """Images, labels, stable ids and the train/test split read from the spec's source."""
@@ -23,9 +25,9 @@ def raw_dataset(context: AssetExecutionContext, experiments: ExperimentsResource
 
 
 @multi_asset(
-    specs=[AssetSpec("training_set", deps=["raw_dataset"], group_name=GROUP, kinds={"numpy"},
+    specs=[AssetSpec("training_set", deps=["raw_dataset", *source_deps("spec/attack")], group_name=GROUP, kinds={"numpy"},
                      description="The training split after the spec's attack, and the triggered test set."),
-           AssetSpec("poison_truth", deps=["raw_dataset"], group_name=GROUP, kinds={"parquet"},
+           AssetSpec("poison_truth", deps=["raw_dataset", *source_deps("spec/attack")], group_name=GROUP, kinds={"parquet"},
                      description="Which training examples were poisoned (null where unknown).")],
     partitions_def=experiments_partitions, code_version="1")
 def training_set(context: AssetExecutionContext, experiments: ExperimentsResource,
@@ -54,7 +56,7 @@ def loader_files(context: AssetExecutionContext, experiments: ExperimentsResourc
     return MaterializeResult(metadata=metadata(summary, {"path": store.get().path(key, data.LOADER)}))
 
 
-@asset(deps=["training_set"], partitions_def=experiments_partitions, group_name=GROUP,
+@asset(deps=["training_set", *source_deps("spec/subsets")], partitions_def=experiments_partitions, group_name=GROUP,
        kinds={"numpy"}, code_version="1")
 def subset_masks(context: AssetExecutionContext, experiments: ExperimentsResource,
                  store: ArtifactStoreResource) -> MaterializeResult:

@@ -16,7 +16,7 @@ from dagster import (Config, DefaultSensorStatus, OpExecutionContext, RunRequest
                      SensorResult, SkipReason, job, op, sensor)
 from dagster_duckdb import DuckDBResource
 
-from assets.common import experiments_partitions
+from assets.common import SENSOR_INTERVAL, experiments_partitions
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
 
 
@@ -49,7 +49,7 @@ def inbox_dir(spec, store, exp: str) -> Path:
     return Path(spec.inbox) if spec.inbox else store.path(exp, "inbox")
 
 
-@sensor(job=score_queries_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED,
+@sensor(job=score_queries_job, minimum_interval_seconds=SENSOR_INTERVAL, default_status=DefaultSensorStatus.STOPPED,
         description="Scores every new file in an experiment's inbox (image files or Parquet tables), once.")
 def inbox_sensor(context: SensorEvaluationContext, experiments: ExperimentsResource, store: ArtifactStoreResource):
     from ops.newdata import QueryError, read_queries

@@ -1,21 +1,39 @@
-"""The lineage job, and the sensor that turns every valid spec in experiments/ into a partition."""
+"""The lineage job, and the sensor that turns every valid spec in experiments/ into a partition
+and keeps each partition up to date with its spec and its dataset.
+
+On every tick the sensor digests each valid spec's sections and its dataset's files
+(ops/versions.py) and compares them with what it saw last (for an experiment it has not seen: with
+the observations recorded on the instance, e.g. by ``./provenance run``).  A new spec gets a run of
+the whole lineage; a changed one gets a run of the assets that read what changed and everything
+downstream of them (a ``detector`` edit: ``backdoor_report`` and ``warehouse``), and the new digests
+are recorded as observations of the source assets, so the UI shows those assets stale until the
+run finishes.  Each request pins the spec it was made for (tag ``provenance/spec``).
+
+Run keys are ``<name>:<spec digest>:<generation>``, the generation counting this experiment's
+requests: reverting a spec to an earlier version is a change like any other and gets a run.  A run
+that failed is requested again, with the same assets, when its spec file is saved again
+(``touch experiments/<name>.yaml``), or re-executed from the UI.  A deleted spec's partition and
+results stay (``./provenance delete`` removes them).
+"""
 
 import json
 from pathlib import Path
 
-from dagster import (AssetSelection, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult,
-                     define_asset_job, sensor)
+from dagster import (AssetSelection, DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter,
+                     SensorEvaluationContext, SensorResult, define_asset_job, sensor)
 
-from assets.common import experiments_partitions
-from resources import ExperimentsResource
+from assets.common import SENSOR_INTERVAL, experiments_partitions
+from resources import ArtifactStoreResource, ExperimentsResource
+
+EXPERIMENT_TAG = "provenance/experiment"
 
 lineage_job = define_asset_job(
     "lineage_job", selection=AssetSelection.all(),
     description="Materializes the whole lineage for one experiment (partition).")
 
 
-def scan_specs(directory: str | Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Valid specs as {name: digest} and refused ones as {file: message}. Reads only labels."""
+def scan_specs(directory: str | Path) -> tuple[dict, dict[str, str]]:
+    """Valid specs as {name: (spec, file)} and refused ones as {file: message}."""
     from ops.spec import SpecError, load_spec_file, validate_against_data
 
     valid, refused = {}, {}
@@ -26,22 +44,58 @@ def scan_specs(directory: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         except SpecError as e:
             refused[path.name] = str(e)
             continue
-        valid[spec.name] = spec.digest()
+        valid[spec.name] = (spec, path)
     return valid, refused
 
 
-@sensor(job=lineage_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED,
-        description="Adds a partition for every valid spec in experiments/ and runs it when it is new or changed.")
-def experiment_specs_sensor(context: SensorEvaluationContext, experiments: ExperimentsResource):
+def _failed_run_to_retry(instance, name: str):
+    runs = instance.get_runs(RunsFilter(tags={EXPERIMENT_TAG: name}), limit=1)
+    if runs and runs[0].status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
+        return runs[0]
+    return None
+
+
+@sensor(job=lineage_job, minimum_interval_seconds=SENSOR_INTERVAL, default_status=DefaultSensorStatus.STOPPED,
+        description="Adds a partition for every valid spec in experiments/ and runs what a new or changed spec, "
+                    "or changed dataset files, make stale.")
+def experiment_specs_sensor(context: SensorEvaluationContext, experiments: ExperimentsResource,
+                            store: ArtifactStoreResource):
+    from assets.sources import affected_assets, digest_cache, observations, recorded_versions
+    from ops.spec import SPEC_TAG, pin_spec
+    from ops.versions import versions
+
     seen = json.loads(context.cursor) if context.cursor else {}
     valid, refused = scan_specs(experiments.directory)
     for name, msg in refused.items():
         context.log.warning(f"refused {name}:\n{msg}")
     existing = set(context.instance.get_dynamic_partitions(experiments_partitions.name))
+    runs, events, cursor = [], [], dict(seen)
+    for name, (spec, path) in sorted(valid.items()):
+        entry = seen.get(name) if isinstance(seen.get(name), dict) else None
+        current = versions(spec, digest_cache(store))
+        before = entry["v"] if entry else recorded_versions(context.instance, name)
+        changed = {k: v for k, v in current.items() if before.get(k) != v}
+        mtime = path.stat().st_mtime_ns
+        gen = entry["gen"] if entry else 0
+        if name not in existing:
+            selection, why = None, "new experiment"
+        elif changed:
+            selection, why = affected_assets(changed), f"changed: {', '.join(sorted(changed))}"
+        elif entry and mtime != entry.get("mtime") and (failed := _failed_run_to_retry(context.instance, name)):
+            selection = sorted(failed.asset_selection) if failed.asset_selection else None
+            why = f"retry of failed run {failed.run_id}"
+        else:
+            cursor[name] = {**(entry or {}), "v": current, "gen": gen, "mtime": mtime}
+            continue
+        gen += 1
+        digest = pin_spec(spec, store.get().root)
+        context.log.info(f"{name}: {why} -> run {name}:{digest}:{gen}")
+        runs.append(RunRequest(partition_key=name, run_key=f"{name}:{digest}:{gen}", asset_selection=selection,
+                               tags={SPEC_TAG: digest, EXPERIMENT_TAG: name, "provenance/reason": why[:200]}))
+        events += observations(name, changed)
+        cursor[name] = {"v": current, "gen": gen, "mtime": mtime}
     new = sorted(set(valid) - existing)
-    runs = [RunRequest(partition_key=name, run_key=f"{name}:{digest}")
-            for name, digest in sorted(valid.items()) if seen.get(name) != digest]
     return SensorResult(
-        run_requests=runs,
+        run_requests=runs, asset_events=events,
         dynamic_partitions_requests=[experiments_partitions.build_add_request(new)] if new else [],
-        cursor=json.dumps({**seen, **valid}, sort_keys=True))
+        cursor=json.dumps(cursor, sort_keys=True))

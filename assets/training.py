@@ -14,6 +14,7 @@ from dagster import (AssetCheckResult, PreviewWarning, AssetCheckSeverity, Asset
                      OpExecutionContext, Out, Output, asset_check, graph_multi_asset, op)
 
 from assets.common import experiments_partitions, metadata
+from assets.sources import SOURCE_KEYS
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
 
 GROUP = "training"
@@ -24,7 +25,7 @@ def at_chance(accuracy: float, chance: float) -> bool:
     return accuracy < chance + 0.1 * (1 - chance)
 
 
-@op(ins={"loader_files": In(Nothing), "subset_masks": In(Nothing)}, out=DynamicOut(list))
+@op(ins={"loader_files": In(Nothing), "subset_masks": In(Nothing), "spec_training": In(Nothing)}, out=DynamicOut(list))
 def plan_training(context: OpExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource):
     """One dynamic output per shard of models still missing from the store: the shard's jobs
     (model, seed, subset and store key), so each shard trains what this run planned."""
@@ -65,16 +66,18 @@ def collect_models(context: OpExecutionContext, trained: list[int], experiments:
 
 
 @graph_multi_asset(
-    outs={"checkpoints": AssetOut(group_name=GROUP, kinds={"pytorch", "safetensors"}, dagster_type=Nothing,
+    outs={"checkpoints": AssetOut(group_name=GROUP, kinds={"pytorch", "safetensors"}, dagster_type=Nothing, code_version="1",
                                   description="Every model's weights (safetensors, one file per model and "
                                               "stacked) and the model manifest."),
-          "model_outputs": AssetOut(group_name=GROUP, kinds={"numpy"}, dagster_type=Nothing,
+          "model_outputs": AssetOut(group_name=GROUP, kinds={"numpy"}, dagster_type=Nothing, code_version="1",
                                     description="Margin of every model on every test (and train) example.")},
     ins={"loader_files": AssetIn("loader_files", dagster_type=Nothing),
-         "subset_masks": AssetIn("subset_masks", dagster_type=Nothing)},
+         "subset_masks": AssetIn("subset_masks", dagster_type=Nothing),
+         "spec_training": AssetIn(SOURCE_KEYS["spec/training"], dagster_type=Nothing)},
     partitions_def=experiments_partitions)
-def checkpoints(loader_files, subset_masks):
-    trained = plan_training(loader_files=loader_files, subset_masks=subset_masks).map(train_models)
+def checkpoints(loader_files, subset_masks, spec_training):
+    trained = plan_training(loader_files=loader_files, subset_masks=subset_masks,
+                            spec_training=spec_training).map(train_models)
     return collect_models(trained.collect())
 
 

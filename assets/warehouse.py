@@ -6,11 +6,13 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from dagster_duckdb import DuckDBResource
 
 from assets.common import experiments_partitions
+from assets.sources import source_deps
 from resources import ArtifactStoreResource, ExperimentsResource
 
 
 @asset(deps=["training_set", "subset_masks", "checkpoints", "model_outputs", "attribution_scores",
-             "datamodel_weights", "baseline_attributions", "lds_evaluation", "backdoor_report"],
+             "datamodel_weights", "baseline_attributions", "lds_evaluation", "backdoor_report",
+             *source_deps("spec/other")],
        partitions_def=experiments_partitions, group_name="warehouse", kinds={"duckdb"}, pool="duckdb",
        code_version="1")
 def warehouse(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,

@@ -458,3 +458,61 @@ def validate_against_data(spec: Spec, where: str = "<spec>", probe_images: bool 
         raise SpecError(f"{where}: detector.flag_count: {spec.detector.flag_count} is not below the "
                         f"{n} training examples")
     return counts
+
+
+# ------------------------------------------------------------------ pinned specs
+#
+# A run reads the spec it started with, not the file as it is when a later step runs: the spec is
+# snapshotted (its normalized form, paths already absolute) under
+# ``<pins>/<name>/specs/<digest>.json`` and the run names the digest (tag ``provenance/spec``, set by
+# the sensor and ./provenance run; a run launched from the UI pins the file as its first step reads
+# it, recorded in ``<pins>/<name>/specs/runs/<run id>``).
+
+SPEC_TAG = "provenance/spec"
+
+
+def _write_exclusive(path: Path, text: str) -> bool:
+    """Writes ``path`` unless it exists (atomically: a temporary file hard-linked into place)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def pin_spec(spec: Spec, pins: str | os.PathLike) -> str:
+    """Snapshots ``spec``; returns its digest (the run tag's value)."""
+    digest = spec.digest()
+    _write_exclusive(Path(pins) / spec.name / "specs" / f"{digest}.json", spec.model_dump_json(indent=1))
+    return digest
+
+
+def load_pinned(name: str, digest: str, pins: str | os.PathLike) -> Spec:
+    path = Path(pins) / name / "specs" / f"{digest}.json"
+    if not path.is_file():
+        raise SpecError(f"{path}: the spec this run was started with is missing (tag {SPEC_TAG}={digest})")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise SpecError(f"{path}: not valid JSON: {e}") from None
+    spec = parse_spec(data, str(path))
+    if spec.digest() != digest:
+        raise SpecError(f"{path}: does not match its digest {digest} (edited after the run started?)")
+    return spec
+
+
+def pin_for_run(spec_file: str | os.PathLike, name: str, run_id: str, pins: str | os.PathLike) -> Spec:
+    """The spec run ``run_id`` reads: the one its first caller found in ``spec_file``, pinned."""
+    marker = Path(pins) / name / "specs" / "runs" / run_id
+    if not marker.is_file():
+        spec = load_spec_file(spec_file)
+        _write_exclusive(marker, pin_spec(spec, pins))   # a concurrent step may have won: read its pin
+    return load_pinned(name, marker.read_text().strip(), pins)

@@ -204,3 +204,19 @@ def load_query_batch(conn, exp: str, batch: str, queries: pd.DataFrame, top: pd.
         conn.execute("ROLLBACK")
         raise
     return counts
+
+
+def delete_experiment(conn, exp: str) -> dict[str, int]:
+    """Removes every row of ``exp`` from every table (query batches included). Returns the counts."""
+    have = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    counts = {}
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for table in (t for t in TABLES if t in have):
+            counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]
+            conn.execute(f"DELETE FROM {table} WHERE experiment = ?", [exp])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return counts

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import PrivateAttr
 
 from ops.spec import Spec, load_spec_file
 from ops.store import ArtifactStore
@@ -24,15 +25,35 @@ class ArtifactStoreResource(ConfigurableResource):
 
 
 class ExperimentsResource(ConfigurableResource):
-    """The folder of experiment specs; partition key ``name`` reads ``<directory>/<name>.yaml``."""
+    """The folder of experiment specs; partition key ``name`` reads ``<directory>/<name>.yaml``.
+
+    Inside a run, ``load`` returns the spec the run was started with (ops.spec: pinned under
+    ``pins``, named by the run's ``provenance/spec`` tag or pinned by the run's first read), so a
+    spec edited while a run goes on changes nothing in that run."""
 
     directory: str
+    pins: str = ""          # the artifact store's root: snapshots go to <pins>/<name>/specs/
+    _run = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._run = context.run
 
     def spec_path(self, name: str) -> Path:
         return Path(self.directory) / f"{name}.yaml"
 
-    def load(self, name: str) -> Spec:
+    def current(self, name: str) -> Spec:
+        """The spec file as it is now (sensors, observations)."""
         return load_spec_file(self.spec_path(name))
+
+    def load(self, name: str) -> Spec:
+        from ops.spec import SPEC_TAG, load_pinned, pin_for_run
+
+        if self._run is None or not self.pins:
+            return self.current(name)
+        digest = self._run.tags.get(SPEC_TAG)
+        if digest:
+            return load_pinned(name, digest, self.pins)
+        return pin_for_run(self.spec_path(name), name, self._run.run_id, self.pins)
 
 
 class ComputeResource(ConfigurableResource):

@@ -505,3 +505,32 @@ def test_inbox_sensor_scores_each_new_file_once(tiny, tmp_path_factory):
         assert result.success
     assert q(home, "SELECT count(*), sum(score) FROM attributions") == before
     assert q(home, "SELECT count(*) FROM queries WHERE query_id = 'new.png'") == [(1,)]
+
+
+def test_a_run_reads_the_spec_it_was_started_with(tiny):
+    """Every asset of a run reads the pinned spec named by its tag, not the file as edited since;
+    a run without the tag (launched from the UI) pins the file as its first step reads it."""
+    from dagster import AssetSelection, instance_for_test
+
+    from ops.spec import SPEC_TAG, parse_spec, pin_spec
+
+    tmp, _, home = tiny
+    spec_file = tmp / "experiments" / "tiny.yaml"
+    original = spec_file.read_text()
+    pinned = pin_spec(parse_spec({**TINY, "name": "tiny", "description": "as started"}), home / "artifacts")
+    try:
+        spec_file.write_text(yaml.safe_dump({**TINY, "description": "edited during the run"}))
+        with instance_for_test() as instance:
+            instance.add_dynamic_partitions("experiments", ["tiny"])
+            for tags, want in (({SPEC_TAG: pinned}, "as started"), ({}, "edited during the run")):
+                result = materialize([*ALL_ASSETS, *ALL_CHECKS], partition_key="tiny", instance=instance, tags=tags,
+                                     selection=AssetSelection.assets("warehouse"),
+                                     resources=make_resources(home, tmp / "experiments"))
+                assert result.success
+                spec_json = q(home, "SELECT spec_json FROM experiments WHERE experiment = 'tiny'")[0][0]
+                assert f'"description":"{want}"' in spec_json.replace(": ", ":"), spec_json[:200]
+                if not tags:
+                    marker = home / "artifacts" / "tiny" / "specs" / "runs" / result.run_id
+                    assert marker.is_file()
+    finally:
+        spec_file.write_text(original)
