@@ -349,11 +349,11 @@ def cmd_score(args) -> int:
     with writing(home / "warehouse.duckdb") as conn:
         load_query_batch(conn, spec.name, out["batch"], out["queries_table"], out["top"])
     top, rows = out["top"], out["queries_table"]
-    print(f"{spec.name}: scored {out['queries']} queries (batch {out['batch']}) in {out['seconds']:.1f}s; "
-          f"warehouse tables queries, query_attributions")
+    print(f"{spec.name}: scored {out['queries']} queries (batch {out['batch']}) in {out['seconds']:.1f}s with "
+          f"{', '.join(out['methods'])}; warehouse tables queries, query_attributions (top TRAK support below)")
     for r in rows.itertuples():
         print(f"\n{r.query_id}  [{r.class_name}, {r.label_source}; margin {r.margin_full:+.2f}]")
-        for t in top[top["query_index"] == r.query_index].head(args.top).itertuples():
+        for t in top[(top["query_index"] == r.query_index) & (top["method"] == "trak")].head(args.top).itertuples():
             print(f"  {t.rank:>3}. {t.train_id:<28} score {t.score:+.4g}")
     return 0
 

@@ -6,8 +6,11 @@ of the experiment's classes carries that label) or Parquet tables in the experim
 the experiment's shape and channels.  ``score_queries`` then computes only what the new examples
 need: every stored model's margin on them, their gradient features under each TRAK checkpoint's
 projection (the same seeds as the training features, so a query equal to a test example gets that
-example's features), and their TRAK scores against the stored, finalized training features
-(``ops.attribution.score_targets``).  No model is trained and no training feature is recomputed.
+example's features), and the scores of every registered method that can score unseen examples
+(``Method.score_new``: TRAK against the stored finalized training features, TracIn against its
+stored Q-weighted features, representation similarity against the full-data model's stored
+embeddings; datamodels cannot: a datamodel is one regression per known target).  No model is
+trained and no training feature is recomputed.
 A query without a label is attributed for the class the model trained on all data predicts
 (``label_source = "predicted"``).  Results are a batch, keyed by the digest of the files' bytes:
 scoring the same files again replaces that batch's rows and touches nothing else.
@@ -141,7 +144,8 @@ def score_queries(spec: Spec, store: ArtifactStore, exp: str, q: Queries, device
     from kernels.models import margin
     from kernels.npyio import NpyFile
     from kernels.projectors import make_projector
-    from ops.attribution import _top_k, score_targets
+    from ops.attribution import _top_k
+    from ops.methods import METHODS, Context, NewTargets
     from ops.training import load_member, model_factory
 
     device = torch.device(device)
@@ -175,12 +179,22 @@ def score_queries(spec: Spec, store: ArtifactStore, exp: str, q: Queries, device
                 c = proj.chunk(x)
                 for r in range(0, len(x), c):
                     feats.write_rows(i, r, proj(x[r:r + c], y[r:r + c]).cpu().numpy())
-        with NpyFile(p_feat) as feats, store.atomic(exp, QUERIES, f"{q.batch}/trak_scores.npy") as p_scores:
-            score_targets(spec, store, exp, feats, p_scores, device, log)
+    # every registered method that can score unseen examples, from its stored training side
+    model.load_state_dict({kk: v.to(device) for kk, v in load_member(spec, store, exp, n_models - 1).items()})
+    new = NewTargets(x, y, store.path(exp, QUERIES, f"{q.batch}/features.npy"), model)
+    ctx = Context(spec, store, exp, device, log)
+    train_ids = store.load_json(exp, "training_set", "meta.json")["train_ids"]
+    tops, finite = [], True
+    for name, method in METHODS.items():
+        if not method.new_targets:
+            continue
+        with store.atomic(exp, QUERIES, f"{q.batch}/{name}_scores.npy") as p_scores:
+            method.score_new(ctx, new, p_scores)
             with NpyFile(p_scores) as s:
                 scores = s.read(0, len(y))
-    train_ids = store.load_json(exp, "training_set", "meta.json")["train_ids"]
-    top = _top_k(scores, spec.trak.top_k, exp, "trak", q.ids, train_ids)
+        finite &= bool(np.isfinite(scores).all())
+        tops.append(_top_k(scores, spec.trak.top_k, exp, name, q.ids, train_ids))
+    top = pd.concat(tops, ignore_index=True)
     top.insert(1, "batch", q.batch)
     top["source_file"] = np.asarray(q.files)[top["target_index"].to_numpy()]
     top = top.rename(columns={"target_index": "query_index", "target_id": "query_id"})
@@ -196,11 +210,12 @@ def score_queries(spec: Spec, store: ArtifactStore, exp: str, q: Queries, device
     store.save_npy(exp, QUERIES, f"{q.batch}/margins.npy", margins)
     store.save_table(exp, QUERIES, f"{q.batch}/queries.parquet", rows)
     store.save_table(exp, QUERIES, f"{q.batch}/top_attributions.parquet", top)
-    finite = bool(np.isfinite(scores).all() and np.isfinite(margins).all())
+    finite &= bool(np.isfinite(margins).all())
     if not finite:
         raise ArtifactError(f"{base}: non-finite margins or scores for the queries")
     seconds = time.perf_counter() - t0
     log(f"scored {len(y)} queries (batch {q.batch}) against {len(train_ids)} training examples with "
         f"{len(members)} checkpoints in {seconds:.1f}s")
     return {"batch": q.batch, "queries": len(y), "checkpoints": len(members), "seconds": round(seconds, 2),
+            "methods": sorted(top["method"].unique()),
             "queries_table": rows, "top": top}

@@ -371,8 +371,17 @@ def test_new_queries_are_scored_without_retraining(tiny, tmp_path_factory):
             NpyFile(home / "artifacts" / "tiny" / "attribution_scores" / "test_x_train.npy") as t:
         got, want = f.read(0, 4), t.read(0, 5)[test_index[:4]]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    top = q(home, "SELECT query_index, rank, train_index FROM query_attributions WHERE rank = 1 ORDER BY query_index")
+    top = q(home, "SELECT query_index, rank, train_index FROM query_attributions WHERE rank = 1 AND method = 'trak' "
+                  "ORDER BY query_index")
     assert [r[2] for r in top[:4]] == [int(np.argmax(want[i])) for i in range(4)]
+    # the other methods that can score unseen examples give a query its test example's scores too
+    for method in ("tracin", "repsim"):
+        with NpyFile(home / "artifacts" / "tiny" / "queries" / batch / f"{method}_scores.npy") as f, \
+                NpyFile(home / "artifacts" / "tiny" / "baseline_attributions" / method / "test_x_train.npy") as t:
+            got, want = f.read(0, 4), t.read(0, 5)[test_index[:4]]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=method)
+    methods = q(home, "SELECT DISTINCT method FROM query_attributions ORDER BY method")
+    assert methods == [("repsim",), ("tracin",), ("trak",)]                     # datamodels cannot
 
 
 def test_a_bad_query_file_is_named(tiny, tmp_path, capsys, monkeypatch):

@@ -18,6 +18,7 @@ class RepSim(Method):
     name = "repsim"
     asset = "baseline_attributions"
     description = "representation similarity: cosine of penultimate features of the full-data model"
+    new_targets = True
 
     def fit(self, ctx: Context) -> dict:
         import json
@@ -39,3 +40,19 @@ class RepSim(Method):
             paths[split] = store.require(exp, self.asset, f"{self.name}/{split}_features.npy")
         with NpyFile(paths["test"]) as targets:
             return score_and_rank(ctx, self, targets, paths["train"], np.ones(len(train)))
+
+    def score_new(self, ctx: Context, new, out_path):
+        import tempfile
+        from pathlib import Path
+
+        from kernels.trak import score_tiles
+
+        e = _embed(new.full_model, new.x)
+        with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
+            with NpyFile.create(Path(tmp) / "targets.npy", (1, *e.shape), np.float32) as t:
+                t.write_rows(0, 0, e)
+            with NpyFile(Path(tmp) / "targets.npy") as targets, \
+                    NpyFile(ctx.store.require(ctx.exp, self.asset, f"{self.name}/train_features.npy")) as feats, \
+                    NpyFile.create(out_path, (len(e), feats.shape[1]), np.float32) as out:
+                score_tiles(targets, feats, np.ones(feats.shape[1], np.float32), out, ctx.device,
+                            ctx.spec.trak.memory_gb * 2**30)

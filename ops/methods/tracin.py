@@ -16,6 +16,7 @@ class TracIn(Method):
     name = "tracin"
     asset = "baseline_attributions"
     description = "TracIn-CP: projected gradient dot products summed over checkpoints"
+    new_targets = True      # a new target's side is its TRAK features: the same projections
 
     def fit(self, ctx: Context) -> dict:
         from ops.attribution import FEAT, score_and_rank
@@ -33,3 +34,12 @@ class TracIn(Method):
         with NpyFile(store.require(exp, FEAT, "test.npy")) as test:
             return score_and_rank(ctx, self, test, store.require(exp, self.asset, f"{self.name}/train_features.npy"),
                                   np.ones(n) * m)
+
+    def score_new(self, ctx: Context, new, out_path):
+        from kernels.trak import score_tiles
+
+        with NpyFile(new.features) as targets, \
+                NpyFile(ctx.store.require(ctx.exp, self.asset, f"{self.name}/train_features.npy")) as feats:
+            m, n, _ = feats.shape
+            with NpyFile.create(out_path, (targets.shape[1], n), np.float32) as out:
+                score_tiles(targets, feats, np.full(n, m, np.float32), out, ctx.device, ctx.spec.trak.memory_gb * 2**30)

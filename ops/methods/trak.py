@@ -12,5 +12,14 @@ class Trak(Method):
     def scores_path(self, ctx: Context):
         return ctx.store.require(ctx.exp, self.asset, "test_x_train.npy")
 
+    new_targets = True
+
+    def score_new(self, ctx: Context, new, out_path):
+        from kernels.npyio import NpyFile
+        from ops.attribution import score_targets
+
+        with NpyFile(new.features) as feats:
+            score_targets(ctx.spec, ctx.store, ctx.exp, feats, out_path, ctx.device, ctx.log)
+
     def top_table(self, ctx: Context):
         return ctx.store.require(ctx.exp, self.asset, "top_attributions.parquet")
