@@ -5,7 +5,7 @@ from assets.backdoor import backdoor_report
 from assets.common import experiments_partitions
 from assets.data import loader_files, raw_dataset, subset_masks, training_set
 from assets.inbox import inbox_sensor, score_queries_job
-from assets.sensors import experiment_specs_sensor, lineage_job
+from assets.sensors import experiment_specs_sensor, lineage_job, stale_experiments_schedule
 from assets.sources import experiment_sources
 from assets.training import checkpoints, margins_finite, models_above_chance
 from assets.warehouse import warehouse
@@ -16,4 +16,4 @@ ALL_ASSETS = [raw_dataset, training_set, loader_files, subset_masks, checkpoints
 ALL_CHECKS = [models_above_chance, margins_finite]
 
 __all__ = ["ALL_ASSETS", "ALL_CHECKS", "experiments_partitions", "lineage_job", "experiment_specs_sensor",
-           "inbox_sensor", "score_queries_job"]
+           "inbox_sensor", "score_queries_job", "stale_experiments_schedule"]

@@ -17,10 +17,12 @@ results stay (``./provenance delete`` removes them).
 """
 
 import json
+import os
 from pathlib import Path
 
-from dagster import (AssetSelection, DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter,
-                     SensorEvaluationContext, SensorResult, define_asset_job, sensor)
+from dagster import (AssetSelection, DagsterRunStatus, DefaultScheduleStatus, DefaultSensorStatus, RunRequest,
+                     RunsFilter, ScheduleEvaluationContext, SensorEvaluationContext, SensorResult, SkipReason,
+                     define_asset_job, schedule, sensor)
 
 from assets.common import SENSOR_INTERVAL, experiments_partitions
 from resources import ArtifactStoreResource, ExperimentsResource
@@ -99,3 +101,44 @@ def experiment_specs_sensor(context: SensorEvaluationContext, experiments: Exper
         run_requests=runs, asset_events=events,
         dynamic_partitions_requests=[experiments_partitions.build_add_request(new)] if new else [],
         cursor=json.dumps(cursor, sort_keys=True))
+
+
+def _in_flight(instance, name: str) -> bool:
+    return bool(instance.get_runs(RunsFilter(tags={EXPERIMENT_TAG: name}, statuses=[
+        DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+        DagsterRunStatus.STARTED]), limit=1))
+
+
+@schedule(job=lineage_job, cron_schedule=os.environ.get("PROVENANCE_STALE_CRON", "0 * * * *"),
+          default_status=DefaultScheduleStatus.STOPPED,
+          description="Every hour: observes every experiment's spec and dataset, and runs whatever Dagster finds "
+                      "stale or missing (with what is downstream of it); experiments with a run in flight wait.")
+def stale_experiments_schedule(context: ScheduleEvaluationContext, experiments: ExperimentsResource,
+                               store: ArtifactStoreResource):
+    """The schedule-driven alternative to the specs sensor (either, or both): where the sensor
+    reacts to changes it sees between ticks, this asks Dagster's stale status, so it also picks up
+    a failed run's assets (retried once per tick) and experiments changed while nothing watched."""
+    from dagster import AssetKey, AssetSelection
+
+    from assets.sources import _graph, digest_cache, record, stale_assets
+    from ops.spec import SPEC_TAG, pin_spec
+    from ops.versions import versions
+
+    valid, refused = scan_specs(experiments.directory)
+    for name, msg in refused.items():
+        context.log.warning(f"refused {name}:\n{msg}")
+    known = set(context.instance.get_dynamic_partitions(experiments_partitions.name))
+    runs = []
+    for name, (spec, _) in sorted(valid.items()):
+        if name not in known or _in_flight(context.instance, name):
+            continue                          # new specs are the sensor's (it adds the partition)
+        record(context.instance, name, versions(spec, digest_cache(store)))
+        stale = stale_assets(context.instance, name)
+        if not stale:
+            continue
+        keys = AssetSelection.assets(*[AssetKey.from_user_string(k) for k in stale]).downstream().resolve(_graph())
+        digest = pin_spec(spec, store.get().root)
+        runs.append(RunRequest(partition_key=name, asset_selection=sorted(keys),
+                               tags={SPEC_TAG: digest, EXPERIMENT_TAG: name,
+                                     "provenance/reason": f"stale: {', '.join(stale)}"[:200]}))
+    return runs or SkipReason("nothing is stale")

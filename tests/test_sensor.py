@@ -173,3 +173,26 @@ def test_a_deleted_spec_keeps_its_partition_and_a_known_experiment_is_not_rerun(
 
         record(instance, "e", versions(load_spec_file(d / "e.yaml")))
         assert not _tick(instance, res, None).run_requests
+
+
+def test_the_stale_schedule_runs_what_dagster_finds_stale_and_waits_for_runs_in_flight(tmp_path):
+    from dagster import SkipReason, build_schedule_context
+    from dagster._core.test_utils import create_run_for_test
+
+    from assets import stale_experiments_schedule
+
+    d = tmp_path / "exp"
+    d.mkdir()
+    (d / "e.yaml").write_text(yaml.safe_dump({"seed": 1}))
+    (d / "new.yaml").write_text(yaml.safe_dump({"seed": 2}))
+    res = _resources(tmp_path)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("experiments", ["e"])
+        [req] = stale_experiments_schedule(build_schedule_context(instance=instance, resources=res))
+        assert req.partition_key == "e" and len(_selection(req)) == 14       # never materialized: all of it
+        assert set(recorded_versions(instance, "e")) == set(SOURCE_KEYS)     # observed first
+        assert load_pinned("e", req.tags[SPEC_TAG], tmp_path / "artifacts").seed == 1
+        create_run_for_test(instance, job_name="lineage_job", status=DagsterRunStatus.STARTED,
+                            tags={"provenance/experiment": "e"})
+        out = stale_experiments_schedule(build_schedule_context(instance=instance, resources=res))
+        assert isinstance(out, SkipReason)                                  # e is in flight; new is the sensor's

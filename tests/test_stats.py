@@ -55,3 +55,27 @@ def test_lds_bootstrap_matches_the_written_out_replicates_and_counts_model_varia
     # interval over targets alone (which treats the models as fixed)
     _, half, _ = lds(pred, actual)
     assert hi - lo > 2 * half
+
+
+def test_lds_bootstrap_ranks_from_multiplicities_handle_ties_and_constant_columns():
+    """The replicates' ranks come from each draw's multiplicities over a sort done once; with tied
+    values (rounded predictions), a constant prediction and a constant margin they must still be
+    scipy's average ranks, replicate for replicate."""
+    from kernels.stats import _SortedColumns, _weighted_pearson, lds_bootstrap, lds_bootstrap_reference
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(7)
+    actual = np.round(rng.standard_normal((15, 7)), 1)
+    pred = np.round(actual + rng.standard_normal((15, 7)), 0)       # many ties
+    pred[:, 3] = 2.0                                                  # constant prediction
+    actual[:, 5] = -1.0                                               # constant margin
+    for seed in range(5):
+        im = np.random.default_rng(seed).integers(0, 15, 15)
+        c = np.bincount(im, minlength=15).astype(float)
+        for x in (pred, actual):
+            ranks = _SortedColumns(x).ranks(c)
+            np.testing.assert_allclose(ranks[im], rankdata(x[im], axis=0))
+        r = _weighted_pearson(_SortedColumns(pred).ranks(c), _SortedColumns(actual).ranks(c), c)
+        assert r[3] == 0 and r[5] == 0
+    _, lo, hi, _ = lds_bootstrap(pred, actual, n_boot=40, seed=2)
+    assert (lo, hi) == pytest.approx(lds_bootstrap_reference(pred, actual, n_boot=40, seed=2))
