@@ -97,8 +97,12 @@ def experiment_specs_sensor(context: SensorEvaluationContext, experiments: Exper
         events += observations(name, changed)
         cursor[name] = {"v": current, "gen": gen, "mtime": mtime}
     new = sorted(set(valid) - existing)
+    skip = None
+    if not runs:     # say why nothing runs: a refused spec or dataset file is named, with its first error
+        skip = SkipReason("; ".join(f"refused {f}: {msg.splitlines()[0]}" for f, msg in refused.items())
+                          or "no spec or dataset changed")
     return SensorResult(
-        run_requests=runs, asset_events=events,
+        run_requests=runs, asset_events=events, skip_reason=skip,
         dynamic_partitions_requests=[experiments_partitions.build_add_request(new)] if new else [],
         cursor=json.dumps(cursor, sort_keys=True))
 

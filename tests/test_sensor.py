@@ -50,9 +50,11 @@ def test_sensor_adds_partitions_for_valid_specs_only(tmp_path):
         assert req.partition_key == "a" and req.run_key.startswith("a:") and req.asset_selection is None  # all
         assert load_pinned("a", req.tags[SPEC_TAG], tmp_path / "artifacts").seed == 1       # the spec is pinned
 
-        # same specs, advanced cursor: nothing new
+        # same specs, advanced cursor: nothing new, and the skip reason names the refused files
         r2 = _tick(instance, res, r1.cursor)
         assert not r2.run_requests and not r2.dynamic_partitions_requests
+        reason = r2.skip_reason.skip_message
+        assert "refused bad.yaml: " in reason and "subsets.alpha" in reason and "refused big.yaml: " in reason
 
         # a changed spec re-runs its partition; a fixed one becomes a new partition
         (d / "a.yaml").write_text(yaml.safe_dump({"seed": 2}))
@@ -137,13 +139,19 @@ def test_new_rows_in_the_dataset_rerun_the_lineage_from_raw_dataset(tmp_path):
             blobs.append(buf.getvalue())
         pq.write_table(pa.table({"image": blobs, "label": [i % 2 for i in range(n)]}), tmp_path / "data.parquet")
 
+    (d / "broken.yaml").write_text(yaml.safe_dump({"dataset": {"source": "parquet",
+                                                               "path": str(tmp_path / "broken.parquet")}}))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
     write(40)
     (d / "p.yaml").write_text(yaml.safe_dump({"dataset": {"source": "parquet", "path": str(tmp_path / "data.parquet"),
                                                            "channels": 1}}))
     res = _resources(tmp_path)
     with instance_for_test() as instance:
         first = _tick(instance, res)
-        assert not _tick(instance, res, first.cursor).run_requests
+        quiet = _tick(instance, res, first.cursor)
+        assert not quiet.run_requests
+        assert "refused broken.yaml: " in quiet.skip_reason.skip_message \
+            and "broken.parquet" in quiet.skip_reason.skip_message            # the bad data file, named
         was = recorded_versions(instance, "p")["dataset_files"]
         write(44)                                             # four new rows
         grown = _tick(instance, res, first.cursor)
