@@ -9,7 +9,7 @@ from resources import ArtifactStoreResource, ExperimentsResource
 GROUP = "data"
 
 
-@asset(deps=source_deps("dataset_files", "spec/dataset"), partitions_def=experiments_partitions, group_name=GROUP,
+@asset(deps=source_deps("dataset_source", "spec/dataset"), partitions_def=experiments_partitions, group_name=GROUP,
        kinds={"numpy"}, code_version="1")
 def raw_dataset(context: AssetExecutionContext, experiments: ExperimentsResource,
                 store: ArtifactStoreResource) -> MaterializeResult:

@@ -2,11 +2,11 @@
 
 Dagster decides what is stale from data versions: an asset is stale when a dependency's data
 version differs from the one recorded when the asset was last materialized.  The lineage's
-sources are the dataset behind an experiment (``dataset_files``: a digest of its files' content) and
+sources are the dataset behind an experiment (``dataset_source``: a digest of its files' content) and
 one source per spec section (``spec/<section>``: a digest of that section), each read by the
 first stage that uses it (``READERS``).  So an edit of ``detector.restarts`` changes
 ``spec/detector`` and makes only ``backdoor_report`` stale; new rows in a Parquet table change
-``dataset_files`` and make ``raw_dataset`` stale, and everything after it once it is re-materialized
+``dataset_source`` and make ``raw_dataset`` stale, and everything after it once it is re-materialized
 with new content.  Which models are trained again is still the store's business: only those
 whose (recipe, data, mask, seed) key is new.
 
@@ -35,7 +35,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "other": ("description", "inbox"),
 }
 
-SOURCE = "dataset_files"
+SOURCE = "dataset_source"
 
 # source -> the first asset that reads it (the others that read it are downstream of that one)
 READERS: dict[str, str] = {
@@ -147,5 +147,5 @@ def source_digest(ds, cache: str | os.PathLike | None = None) -> str:
 
 
 def versions(spec: Spec, cache: str | os.PathLike | None = None) -> dict[str, str]:
-    """Every source of the experiment's lineage with its digest: ``dataset_files`` and ``spec/<section>``."""
+    """Every source of the experiment's lineage with its digest: ``dataset_source`` and ``spec/<section>``."""
     return {SOURCE: source_digest(spec.dataset, cache), **section_digests(spec)}

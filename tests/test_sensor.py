@@ -152,13 +152,13 @@ def test_new_rows_in_the_dataset_rerun_the_lineage_from_raw_dataset(tmp_path):
         assert not quiet.run_requests
         assert "refused broken.yaml: " in quiet.skip_reason.skip_message \
             and "broken.parquet" in quiet.skip_reason.skip_message            # the bad data file, named
-        was = recorded_versions(instance, "p")["dataset_files"]
+        was = recorded_versions(instance, "p")["dataset_source"]
         write(44)                                             # four new rows
         grown = _tick(instance, res, first.cursor)
         [req] = grown.run_requests
         assert "raw_dataset" in _selection(req) and "checkpoints" in _selection(req) and len(_selection(req)) == 14
-        assert [ev.asset_key.to_user_string() for ev in grown.asset_events] == ["dataset_files"]
-        assert grown.asset_events[0].tags[DATA_VERSION_TAG] == recorded_versions(instance, "p")["dataset_files"] != was
+        assert [ev.asset_key.to_user_string() for ev in grown.asset_events] == ["dataset_source"]
+        assert grown.asset_events[0].tags[DATA_VERSION_TAG] == recorded_versions(instance, "p")["dataset_source"] != was
 
 
 def test_a_deleted_spec_keeps_its_partition_and_a_known_experiment_is_not_rerun(tmp_path):

@@ -23,7 +23,7 @@ def test_sections_cover_every_spec_field_once():
     covered = [f for fields in SECTIONS.values() for f in fields]
     assert sorted(covered) == sorted(set(Spec.model_fields) - {"name"})     # a new field must be placed
     assert len(covered) == len(set(covered))
-    assert set(READERS) == {"dataset_files"} | {f"spec/{s}" for s in SECTIONS}
+    assert set(READERS) == {"dataset_source"} | {f"spec/{s}" for s in SECTIONS}
 
 
 def test_an_edit_changes_only_its_sections_digest():
