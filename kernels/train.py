@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from kernels import workers as worker_pool
+from kernels.adversarial import Threat, attack_seed, pgd, random_start
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Recipe:
     amp: bool | str = "auto"        # bfloat16 autocast: True, False, or "auto" (see ``uses_bf16``)
     channels_last: bool = False     # channels-last activations on CUDA (always on for CPU convolutions)
     tta_flip: bool = False          # evaluate on the image and its mirror, average the logits
+    adversarial: Threat | None = None   # PGD adversarial training (kernels/adversarial.py): each batch attacked first
 
 
 SCHEDULES = ("triangular", "cosine", "step", "constant", "two_regime")
@@ -246,6 +248,14 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
         return nn.functional.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
 
     batched_loss = vmap(loss_one)
+    threat = recipe.adversarial
+
+    def loss_vec(p, xb, yb):     # per example, for the attack
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = functional_call(base, p, (xb,))
+        return nn.functional.cross_entropy(logits.float(), yb, reduction="none")
+
+    batched_vec = vmap(loss_vec)
     aug = _augmenting(recipe) and x.ndim == 4
     subsets_t = [np.asarray(s, dtype=np.int64) for s in subsets]
     steps_per_epoch = math.ceil(n_sub / recipe.batch_size)
@@ -270,6 +280,11 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
                 flat = augment(xb.flatten(0, 1), *(draws[k][:, sl].reshape(-1) for k in ("flip", "ty", "tx", "cy", "cx")),
                                recipe.cutout)
                 xb = flat.reshape(xb.shape)
+            if threat is not None:    # every model attacks its own batch, through its own parameters
+                frozen = {k: v.detach() for k, v in params.items()}
+                starts = _adversarial_starts(threat, seeds, epoch, step, xb.shape[1:], xb) if threat.random_start \
+                    else None
+                xb = pgd(lambda z, yb=y[idx]: batched_vec(frozen, z, yb), xb, threat, batch_dims=2, starts=starts)
             losses = batched_loss(params, xb, y[idx])
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
@@ -281,6 +296,12 @@ def train_stacked(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch
         if snapshots is not None and epoch + 1 in snapshots:
             snapshots[epoch + 1] = {k: v.detach().cpu().clone() for k, v in params.items()}
     return {k: v.detach().cpu() for k, v in params.items()}
+
+
+def _adversarial_starts(threat: Threat, seeds, epoch: int, step: int, shape, like: torch.Tensor) -> torch.Tensor:
+    """Random starts of one batch, per model from the model's own generator: [M, *shape]."""
+    return torch.stack([random_start(tuple(shape), threat, torch.Generator().manual_seed(attack_seed(s, epoch, step)),
+                                     1, like.device, like.dtype) for s in seeds])
 
 
 def _train_sequential(make_model, probe, x, y, subsets, seeds, recipe, on_epoch, snapshots=None):
@@ -396,6 +417,22 @@ def _train_one(make_model, x, y, subset, seed, recipe, amp, channels_last_cpu, r
                 xb = augment(xb, *(draws[k][sl] for k in ("flip", "ty", "tx", "cy", "cx")), recipe.cutout)
             if channels_last and xb.ndim == 4:
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            if recipe.adversarial is not None:      # attack in eval mode (batch-norm statistics untouched)
+                threat = recipe.adversarial
+                starts = _adversarial_starts(threat, [seed], epoch, step, xb.shape, xb)[0] if threat.random_start \
+                    else None
+                model.eval()
+                for p_ in model.parameters():
+                    p_.requires_grad_(False)
+
+                def attack_loss(z, yb=y[idx]):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        return nn.functional.cross_entropy(model(z).float(), yb, reduction="none")
+
+                xb = pgd(attack_loss, xb, threat, starts=starts)
+                for p_ in model.parameters():
+                    p_.requires_grad_(True)
+                model.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(xb)
             loss = nn.functional.cross_entropy(logits.float(), y[idx], label_smoothing=recipe.label_smoothing)
