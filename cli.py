@@ -148,7 +148,11 @@ def cmd_run(args) -> int:
     record(instance, spec.name, versions(spec, home / "artifacts" / ".cache" / "file_digests.json"))
     tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), EXPERIMENT_TAG: spec.name,
             SPEC_TAG: pin_spec(spec, home / "artifacts")}
-    selection = _selection(instance, spec.name) if args.stale else None
+    from assets.studies import named, selection_for
+
+    selection = _selection(instance, spec) if args.stale else selection_for(spec)
+    if named(spec):
+        print(f"{spec.name}: with the studies {', '.join(named(spec))}", file=sys.stderr)
     if selection == []:
         print(f"{spec.name}: nothing is stale; nothing to run")
         return 0
@@ -180,15 +184,19 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _selection(instance, exp: str):
-    """The stale and never-materialized assets of ``exp`` and everything downstream of them."""
+def _selection(instance, spec):
+    """The stale and never-materialized assets of the experiment and everything downstream of
+    them, within the core lineage and the studies its spec names."""
     from dagster import AssetKey, AssetSelection
 
     from assets.sources import stale_assets
+    from assets.studies import selection_for, unnamed_keys
 
-    stale = stale_assets(instance, exp)
-    print(f"{exp}: stale or missing: {', '.join(stale) or 'nothing'}", file=sys.stderr)
-    return AssetSelection.assets(*[AssetKey.from_user_string(k) for k in stale]).downstream() if stale else []
+    stale = stale_assets(instance, spec.name, exclude=unnamed_keys(spec))
+    print(f"{spec.name}: stale or missing: {', '.join(stale) or 'nothing'}", file=sys.stderr)
+    if not stale:
+        return []
+    return AssetSelection.assets(*[AssetKey.from_user_string(k) for k in stale]).downstream() & selection_for(spec)
 
 
 def cmd_stale(args) -> int:
@@ -206,11 +214,12 @@ def cmd_stale(args) -> int:
     from dagster import DagsterInstance
 
     from assets.sources import record, stale_assets
+    from assets.studies import unnamed_keys
     from ops.versions import versions
 
     with DagsterInstance.get() as instance:
         changed = record(instance, spec.name, versions(spec, home / "artifacts" / ".cache" / "file_digests.json"))
-        stale = stale_assets(instance, spec.name)
+        stale = stale_assets(instance, spec.name, exclude=unnamed_keys(spec))
     if changed:
         print(f"{spec.name}: changed since last observed: {', '.join(sorted(changed))}")
     if not stale:

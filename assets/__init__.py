@@ -7,13 +7,15 @@ from assets.data import loader_files, raw_dataset, subset_masks, training_set
 from assets.inbox import inbox_sensor, score_queries_job
 from assets.sensors import experiment_specs_sensor, lineage_job, stale_experiments_schedule
 from assets.sources import experiment_sources
+from assets.studies import STUDY_ASSETS, STUDY_JOBS
 from assets.training import checkpoints, margins_finite, models_above_chance
 from assets.warehouse import warehouse
 
 ALL_ASSETS = [raw_dataset, training_set, loader_files, subset_masks, checkpoints, gradient_features,
               attribution_scores, baseline_attributions, datamodel_weights, lds_evaluation, backdoor_report, warehouse,
-              experiment_sources]
+              experiment_sources, *STUDY_ASSETS]
 ALL_CHECKS = [models_above_chance, margins_finite]
 
 __all__ = ["ALL_ASSETS", "ALL_CHECKS", "experiments_partitions", "lineage_job", "experiment_specs_sensor",
-           "inbox_sensor", "score_queries_job", "stale_experiments_schedule"]
+           "inbox_sensor", "score_queries_job", "stale_experiments_schedule",
+           "STUDY_JOBS"]

@@ -62,7 +62,8 @@ def _failed_run_to_retry(instance, name: str):
                     "or changed dataset files, make stale.")
 def experiment_specs_sensor(context: SensorEvaluationContext, experiments: ExperimentsResource,
                             store: ArtifactStoreResource):
-    from assets.sources import affected_assets, digest_cache, observations, recorded_versions
+    from assets.sources import _graph, affected_assets, digest_cache, observations, recorded_versions
+    from assets.studies import selection_for, unnamed_keys
     from ops.spec import SPEC_TAG, pin_spec
     from ops.versions import versions
 
@@ -80,9 +81,9 @@ def experiment_specs_sensor(context: SensorEvaluationContext, experiments: Exper
         mtime = path.stat().st_mtime_ns
         gen = entry["gen"] if entry else 0
         if name not in existing:
-            selection, why = None, "new experiment"
-        elif changed:
-            selection, why = affected_assets(changed), f"changed: {', '.join(sorted(changed))}"
+            selection, why = sorted(selection_for(spec).resolve(_graph())), "new experiment"
+        elif changed and (selection := sorted(set(affected_assets(changed)) - unnamed_keys(spec))):
+            why = f"changed: {', '.join(sorted(changed))}"
         elif entry and mtime != entry.get("mtime") and (failed := _failed_run_to_retry(context.instance, name)):
             selection = sorted(failed.asset_selection) if failed.asset_selection else None
             why = f"retry of failed run {failed.run_id}"
@@ -125,6 +126,7 @@ def stale_experiments_schedule(context: ScheduleEvaluationContext, experiments: 
     from dagster import AssetKey, AssetSelection
 
     from assets.sources import _graph, digest_cache, record, stale_assets
+    from assets.studies import unnamed_keys
     from ops.spec import SPEC_TAG, pin_spec
     from ops.versions import versions
 
@@ -137,10 +139,11 @@ def stale_experiments_schedule(context: ScheduleEvaluationContext, experiments: 
         if name not in known or _in_flight(context.instance, name):
             continue                          # new specs are the sensor's (it adds the partition)
         record(context.instance, name, versions(spec, digest_cache(store)))
-        stale = stale_assets(context.instance, name)
+        stale = stale_assets(context.instance, name, exclude=unnamed_keys(spec))
         if not stale:
             continue
         keys = AssetSelection.assets(*[AssetKey.from_user_string(k) for k in stale]).downstream().resolve(_graph())
+        keys = set(keys) - unnamed_keys(spec)
         digest = pin_spec(spec, store.get().root)
         runs.append(RunRequest(partition_key=name, asset_selection=sorted(keys),
                                tags={SPEC_TAG: digest, EXPERIMENT_TAG: name,

@@ -249,7 +249,7 @@ class DatamodelsSpec(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     tol: float = Field(1e-6, gt=0, lt=1)          # relative duality gap every target must reach
     memory_mb: float = Field(512, gt=0)           # targets are fitted in blocks within this
-    solver: Literal["auto", "cd", "fista"] = "auto"   # auto: kernels.lasso.choose_solver
+    solver: Literal["auto", "cd", "gram", "fista"] = "auto"   # auto: kernels.lasso.choose_solver
     max_iter: int = Field(300, gt=0)              # FISTA iterations per path step
 
 
@@ -318,6 +318,68 @@ class DetectorSpec(_Section):
         return v
 
 
+class NeuralSpec(_Section):
+    """The neural-response proxy of Guo et al. (shared/reference/seeds-part2.md §1): a frozen
+    "brain" (the robust model's penultimate layer, ``sites`` units, trial noise), a recording
+    session, surrogate readouts on standard and robust features, attacks through each surrogate."""
+    enabled: bool = True
+    sites: int = Field(100, gt=0)
+    images: int = Field(2000, ge=20)          # recording session (training split images)
+    repeats: int = Field(4, gt=1)
+    noise: float = Field(0.5, ge=0)            # trial noise sd, relative to each site's response sd
+    budgets: list[float] = [0.25, 0.5, 1.0, 2.0]   # l2, pixel units
+    attack_images: int = Field(200, gt=0)      # held-out images attacked
+    steps: int = Field(20, gt=0)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v):
+        if not v or any(b <= 0 for b in v):
+            raise ValueError(f"must be a non-empty list of positive l2 budgets, got {v}")
+        return v
+
+
+class RobustnessSpec(_Section):
+    """The robustness study (docs/studies.md): PGD adversarial training, robust ensembles (Saligrama
+    & Leclerc) and attacks on a neural-response proxy (Guo et al.).  Budgets in pixel units."""
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(0.1, gt=0)
+    steps: int = Field(5, gt=0)                     # PGD steps in training
+    step_size: Optional[float] = Field(None, gt=0)  # default 2.5 eps / steps
+    random_start: bool = True
+    epochs: Optional[int] = Field(None, gt=0)       # default training.epochs
+    eps_train: list[float] = [0.5, 1.0]             # training budgets, multiples of eps
+    eps_test: list[float] = [0.5, 1.0, 2.0]         # attack budgets, multiples of eps
+    ensemble_sizes: list[int] = [1, 2, 4]
+    eval_steps: int = Field(20, gt=0)               # evaluation: more steps than training, restarts
+    eval_restarts: int = Field(2, gt=0)
+    eval_examples: int = Field(1000, gt=0)          # test examples attacked
+    fusion: bool = True                             # scheme (b): robust + standard features, trained head
+    fusion_epochs: int = Field(10, gt=0)
+    neural: NeuralSpec = NeuralSpec()
+
+    @field_validator("eps_train", "eps_test")
+    @classmethod
+    def _factors(cls, v):
+        if not v or any(f <= 0 for f in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct positive multiples of eps, got {v}")
+        return sorted(v)
+
+    @field_validator("ensemble_sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if not v or any(k < 1 for k in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct ensemble sizes >= 1, got {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.eval_steps < self.steps:
+            raise ValueError(f"eval_steps: {self.eval_steps} is fewer than the training attack's {self.steps} "
+                             "steps; evaluate with at least as many")
+        return self
+
+
 class Spec(_Section):
     name: str
     description: str = ""
@@ -332,6 +394,7 @@ class Spec(_Section):
     datamodels: DatamodelsSpec = DatamodelsSpec()
     lds: LdsSpec = LdsSpec()
     detector: DetectorSpec = DetectorSpec()
+    robustness: Optional[RobustnessSpec] = None     # a study: absent, it does not run
 
     @field_validator("inbox")
     @classmethod

@@ -33,6 +33,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "lds": ("lds",),
     "detector": ("detector",),
     "other": ("description", "inbox"),
+    "robustness": ("robustness",),      # a study's section: read by its first asset
 }
 
 SOURCE = "dataset_source"
@@ -49,6 +50,7 @@ READERS: dict[str, str] = {
     "spec/lds": "lds_evaluation",
     "spec/detector": "backdoor_report",
     "spec/other": "warehouse",
+    "spec/robustness": "robust_models",
 }
 
 

@@ -206,13 +206,36 @@ def load_query_batch(conn, exp: str, batch: str, queries: pd.DataFrame, top: pd.
     return counts
 
 
+def load_study_tables(conn, exp: str, schemas: dict[str, str], frames: dict) -> dict[str, int]:
+    """A study's own tables (``schemas``: name -> columns, in the study's ops module): each table's
+    rows for ``exp`` replaced by ``frames[name]``, in one transaction."""
+    counts = {}
+    for name, cols in schemas.items():
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for name, df in frames.items():
+            conn.execute(f"DELETE FROM {name} WHERE experiment = ?", [exp])
+            conn.register("incoming", df)
+            conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM incoming")
+            conn.unregister("incoming")
+            counts[name] = len(df)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return counts
+
+
 def delete_experiment(conn, exp: str) -> dict[str, int]:
-    """Removes every row of ``exp`` from every table (query batches included). Returns the counts."""
-    have = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    """Removes every row of ``exp`` from every table with an ``experiment`` column (the core's,
+    query batches and the studies'). Returns the counts."""
+    have = sorted({r[0] for r in conn.execute(
+        "SELECT table_name FROM information_schema.columns WHERE column_name = 'experiment'").fetchall()})
     counts = {}
     conn.execute("BEGIN TRANSACTION")
     try:
-        for table in (t for t in TABLES if t in have):
+        for table in have:
             counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]
             conn.execute(f"DELETE FROM {table} WHERE experiment = ?", [exp])
         conn.execute("COMMIT")

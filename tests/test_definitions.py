@@ -14,7 +14,16 @@ def test_definitions_load_with_the_whole_lineage():
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     assert keys == {"raw_dataset", "training_set", "poison_truth", "loader_files", "subset_masks", "checkpoints",
                     "model_outputs", "gradient_features", "attribution_scores", "datamodel_weights",
-                    "baseline_attributions", "lds_evaluation", "backdoor_report", "warehouse"}
+                    "baseline_attributions", "lds_evaluation", "backdoor_report", "warehouse",
+                    # the sources every stage depends on (assets/sources.py)
+                    "dataset_source", "spec/dataset", "spec/attack", "spec/subsets", "spec/training", "spec/trak",
+                    "spec/datamodels", "spec/lds", "spec/detector", "spec/other", "spec/robustness",
+                    # the robustness study (assets/robustness.py)
+                    "robust_models", "robustness_eval", "neural_response", "robustness_warehouse"}
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {"lineage_job", "score_queries_job", "robustness_job"}
+    study = defs.resolve_job_def("robustness_job")
+    assert {k.to_user_string() for k in study.asset_layer.executable_asset_keys} == {
+        "robust_models", "robustness_eval", "neural_response", "robustness_warehouse"}
     job = defs.resolve_job_def("lineage_job")
     assert job.partitions_def is not None and job.partitions_def.name == "experiments"
     graph = defs.resolve_asset_graph()

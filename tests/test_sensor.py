@@ -47,7 +47,8 @@ def test_sensor_adds_partitions_for_valid_specs_only(tmp_path):
         assert [req.partitions_def_name for req in r1.dynamic_partitions_requests] == ["experiments"]
         assert list(r1.dynamic_partitions_requests[0].partition_keys) == ["a"]
         [req] = r1.run_requests
-        assert req.partition_key == "a" and req.run_key.startswith("a:") and req.asset_selection is None  # all
+        assert req.partition_key == "a" and req.run_key.startswith("a:")
+        assert len(_selection(req)) == 14 and "robust_models" not in _selection(req)   # the core, no study
         assert load_pinned("a", req.tags[SPEC_TAG], tmp_path / "artifacts").seed == 1       # the spec is pinned
 
         # same specs, advanced cursor: nothing new, and the skip reason names the refused files

@@ -1,0 +1,39 @@
+"""Studies: asset groups beyond the core lineage, each run only for specs that name it.
+
+A study is registered here by its spec section and its asset group (docs/studies.md).  The
+sensor, the schedule and ``./provenance run`` select the core lineage plus the studies a spec
+names; everything else about a study lives in its own modules.
+"""
+from dagster import AssetKey, AssetSelection
+
+from assets.robustness import ASSETS as ROBUSTNESS_ASSETS
+from assets.robustness import GROUP as ROBUSTNESS_GROUP
+from assets.robustness import robustness_job
+
+# spec section -> (asset group, its assets, its job)
+STUDIES = {
+    "robustness": (ROBUSTNESS_GROUP, ROBUSTNESS_ASSETS, robustness_job),
+}
+STUDY_ASSETS = [a for _, assets, _ in STUDIES.values() for a in assets]
+STUDY_JOBS = [job for _, _, job in STUDIES.values()]
+
+
+def study_keys(names=None) -> set[AssetKey]:
+    """The asset keys of the studies ``names`` (all of them by default)."""
+    return {k for name, (_, assets, _) in STUDIES.items() if names is None or name in names
+            for a in assets for k in a.keys}
+
+
+def named(spec) -> list[str]:
+    return [name for name in STUDIES if getattr(spec, name, None) is not None]
+
+
+def unnamed_keys(spec) -> set[AssetKey]:
+    """Assets of the studies the spec does not name: never to be selected for it."""
+    return study_keys() - study_keys(named(spec))
+
+
+def selection_for(spec) -> AssetSelection:
+    """The core lineage and the studies ``spec`` names."""
+    excluded = unnamed_keys(spec)
+    return AssetSelection.all() - AssetSelection.assets(*excluded) if excluded else AssetSelection.all()
