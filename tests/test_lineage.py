@@ -397,14 +397,16 @@ def test_a_bad_query_file_is_named(tiny, tmp_path, capsys, monkeypatch):
     assert "no such file or folder" in capsys.readouterr().err
 
 
-def _documented_tables() -> dict[str, dict[str, tuple[str, str]]]:
+def _documented_tables(level: str = "### ") -> dict[str, dict[str, tuple[str, str]]]:
     """docs/tables.md parsed: {table: {column: (type, meaning)}} from every "### name" section's
-    markdown table (a row may list several columns and their types, comma-separated)."""
+    markdown table (a row may list several columns and their types, comma-separated); the studies'
+    tables are "#### name" sections (``level="#### "``)."""
     import re
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "tables.md").read_text()
     out: dict = {}
-    for section in re.split(r"^### ", doc, flags=re.M)[1:]:
+    for section in re.split(rf"^{level}", doc, flags=re.M)[1:]:
+        section = re.split(r"^#{1,4} ", section, flags=re.M)[0]      # up to the next heading
         name, body = section.split("\n", 1)
         cols = {"experiment": ("VARCHAR", "")}
         for line in body.splitlines():

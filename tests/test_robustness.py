@@ -100,3 +100,26 @@ def test_a_spec_without_the_section_materializes_no_study_asset(study):
     done = {e.asset_key.to_user_string() for e in results["plain"].get_asset_materialization_events()}
     assert "loader_files" in done and not done & {"robust_models", "robustness_eval", "robustness_warehouse"}
     assert not (home / "artifacts" / "plain" / "robust_models").exists()
+
+
+def test_the_study_tables_doc_matches_the_warehouse(study):
+    """docs/tables.md's study sections against the study's warehouse, as test_lineage checks the core's."""
+    import re
+
+    from tests.test_lineage import _documented_tables
+
+    _, home = study
+    doc = _documented_tables("#### ")
+    assert set(doc) == {"robustness", "robustness_curve", "neural_attacks"}
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        for table, cols in doc.items():
+            got = {name: typ for name, typ, *_ in conn.execute(f"DESCRIBE {table}").fetchall()}
+            assert got == {c: t for c, (t, _) in cols.items()}, table
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] > 0
+            for col, (_, meaning) in cols.items():
+                if "NULL" not in meaning:
+                    assert conn.execute(f"SELECT count(*) FROM {table} WHERE {col} IS NULL").fetchone()[0] == 0
+                if "one of" in meaning:
+                    allowed = set(re.findall(r"`([^`]+)`", meaning.split("one of", 1)[1].split(":")[0]))
+                    values = {r[0] for r in conn.execute(f"SELECT DISTINCT {col} FROM {table}").fetchall()}
+                    assert values <= allowed, f"{table}.{col}: {values - allowed}"
