@@ -320,11 +320,18 @@ def cmd_sql(args) -> int:
     from ops.warehouse import reader
 
     db = _home() / "warehouse.duckdb"
+    if args.format == "parquet" and not args.output:
+        print("sql: --format parquet needs --output FILE", file=sys.stderr)
+        return 2
     try:
         with reader(db, sandbox=True) as conn:
             rel = conn.sql(args.query)
-            if rel is not None:
+            if rel is None:
+                return 0
+            if args.format == "table" and not args.output:
                 rel.show(max_rows=args.max_rows, max_width=200)
+            else:
+                _export(rel.arrow(), args.format if args.format != "table" else "csv", args.output)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 1
@@ -332,6 +339,45 @@ def cmd_sql(args) -> int:
         print(e, file=sys.stderr)
         return 1
     return 0
+
+
+def _export(table, fmt: str, output: str | None) -> None:
+    """A query's result written by this process, not by DuckDB (whose sandbox writes no file): to
+    ``output`` (from the user's directory, atomically) or, for csv and json, to standard output."""
+    import io
+    import json
+    import tempfile
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from ops.spec import user_path
+
+    if hasattr(table, "read_all"):          # a RecordBatchReader from newer DuckDB
+        table = table.read_all()
+    if fmt == "json":
+        data = (json.dumps(table.to_pylist(), default=str, indent=1) + "\n").encode()
+    elif fmt == "csv":
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        data = buf.getvalue()
+    if not output:
+        sys.stdout.write(data.decode())
+        return
+    dest = user_path(output)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    try:
+        if fmt == "parquet":
+            pq.write_table(table, tmp)
+        else:
+            Path(tmp).write_bytes(data)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {table.num_rows} rows to {dest}", file=sys.stderr)
 
 
 def cmd_score(args) -> int:
@@ -409,7 +455,10 @@ def main(argv=None) -> int:
     rep.set_defaults(fn=cmd_report)
     s = sub.add_parser("sql", help="run a SQL query against the warehouse (read-only)")
     s.add_argument("query")
-    s.add_argument("--max-rows", type=int, default=40)
+    s.add_argument("--max-rows", type=int, default=40, help="rows shown in the table format")
+    s.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                   help="table (shown), or csv/json/parquet (to --output, or csv/json to standard output)")
+    s.add_argument("--output", help="write the result to this file (from your directory)")
     s.set_defaults(fn=cmd_sql)
     sc = sub.add_parser("score", help="attribute new query examples (image files or Parquet) to the training "
                                       "data of a finished experiment, without retraining")

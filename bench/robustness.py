@@ -91,7 +91,8 @@ def show(name: str, spec: dict, out: dict) -> None:
           f"ε_train={c['eps_train']:g}: " + ", ".join(f"ε_test {e}: {v['single']:.3f} -> {v['ensemble']:.3f}"
                                                       for e, v in c["by_eps_test"].items())
           + f"; natural {c['natural']['single']:.3f} -> {c['natural']['ensemble']:.3f}: "
-          + ("HELD" if c["held"] else "DID NOT HOLD"))
+          + ("HELD" if c["held"] else "DID NOT HOLD")
+          + ("" if not c["held"] else (", beyond 2 SE" if c["beyond_noise"] else ", but within 2 SE of no gain")))
     if "vs_one_large_eps_model" in c:
         v = c["vs_one_large_eps_model"]
         print(f"  against one model at ε_train={v['eps_train_large']:g}: natural {v['natural']['one_large']:.3f} vs "

@@ -43,4 +43,24 @@ def experiment_report(conn, exp: str) -> str:
     if rows and rows[0][9] is not None:
         lines.append(f"  retrained without the true poisons (reference): accuracy {_fmt(rows[0][9])}, "
                      f"attack success {_fmt(rows[0][10])}")
+    lines += _robustness_lines(conn, exp)
     return "\n".join(lines)
+
+
+def _robustness_lines(conn, exp: str) -> list[str]:
+    """The robustness study's rows, where the experiment ran it: natural / robust accuracy per
+    scheme, training budget and ensemble size."""
+    have = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'robustness'").fetchone()[0]
+    if not have:
+        return []
+    rows = conn.execute("SELECT scheme, eps_train, k, eps_test, natural_accuracy, robust_accuracy FROM robustness "
+                        "WHERE experiment = ? ORDER BY scheme, eps_train, k, eps_test", [exp]).fetchall()
+    if not rows:
+        return []
+    out, current = ["  robustness (natural / robust accuracy at each attack budget):"], None
+    for scheme, et, k, ee, nat, rob in rows:
+        if (scheme, et, k) != current:
+            current = (scheme, et, k)
+            out.append(f"    {scheme:<8} eps_train {et:<6g} K={k}: natural {_fmt(nat)}")
+        out[-1] += f", @{ee:g} {_fmt(rob)}"
+    return out

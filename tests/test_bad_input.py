@@ -142,6 +142,31 @@ def test_sql_reads_the_warehouse_and_nothing_else(tmp_path, capsys, monkeypatch,
     assert not any((tmp_path / f).exists() for f in ("out.csv", "other.duckdb", "dump"))
 
 
+def test_sql_exports_a_result_as_csv_json_or_parquet(tmp_path, capsys, monkeypatch):
+    """The sandbox writes no file, so provenance writes the result itself: to --output (from the
+    user's directory, atomically) or to standard output."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("PROVENANCE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PROVENANCE_CWD", str(tmp_path))
+    from ops.warehouse import writing
+
+    with writing(tmp_path / "home" / "warehouse.duckdb") as conn:
+        conn.execute("CREATE TABLE t AS SELECT range AS a, 'x' || range AS b FROM range(5)")
+    q = "SELECT a, b FROM t WHERE a < 3 ORDER BY a"
+    assert main(["sql", q, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ['"a","b"', '0,"x0"', '1,"x1"', '2,"x2"']
+    assert main(["sql", q, "--format", "json", "--output", "out/r.json"]) == 0
+    assert json.loads((tmp_path / "out" / "r.json").read_text()) == [{"a": i, "b": f"x{i}"} for i in range(3)]
+    assert main(["sql", q, "--format", "parquet", "--output", "r.parquet"]) == 0
+    assert pq.read_table(tmp_path / "r.parquet").to_pydict() == {"a": [0, 1, 2], "b": ["x0", "x1", "x2"]}
+    assert main(["sql", q, "--format", "parquet"]) == 2 and "needs --output" in capsys.readouterr().err
+    assert main(["sql", "COPY t TO 'x.csv'", "--format", "csv", "--output", "y.csv"]) == 1    # still sandboxed
+    assert not (tmp_path / "y.csv").exists()
+
+
 def test_a_reader_held_open_never_blocks_a_write_and_writers_take_turns(tmp_path):
     from ops.warehouse import reader, writing
 

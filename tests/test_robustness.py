@@ -123,3 +123,14 @@ def test_the_study_tables_doc_matches_the_warehouse(study):
                     allowed = set(re.findall(r"`([^`]+)`", meaning.split("one of", 1)[1].split(":")[0]))
                     values = {r[0] for r in conn.execute(f"SELECT DISTINCT {col} FROM {table}").fetchall()}
                     assert values <= allowed, f"{table}.{col}: {values - allowed}"
+
+
+def test_the_report_shows_the_study_where_it_ran(study):
+    from ops.report import _robustness_lines
+
+    _, home = study
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        lines = _robustness_lines(conn, "rob")
+        assert _robustness_lines(conn, "plain") == []
+    assert lines[0].startswith("  robustness") and len(lines) == 1 + 3 * 2 + 2
+    assert "ensemble eps_train 0.05   K=2: natural" in "\n".join(lines) and "@0.2 " in lines[-1]
