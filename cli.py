@@ -48,7 +48,33 @@ def ensure_dagster_home(home: Path) -> Path:
 
             DagsterInstance.from_config(str(d)).dispose()
             ready.touch()
+        pools = d / ".pools-v1"
+        if not pools.exists():          # concurrency limits, once (a user may change them in the UI)
+            from dagster import DagsterInstance
+
+            instance = DagsterInstance.from_config(str(d))
+            try:
+                for pool, limit in pool_limits().items():
+                    instance.event_log_storage.set_concurrency_slots(pool, limit)
+            finally:
+                instance.dispose()
+            pools.touch()
     return d
+
+
+def pool_limits() -> dict[str, int]:
+    """The instance's pool limits (Dagster op concurrency): ``duckdb`` 1 (the warehouse has one
+    writer); ``training`` one step per CUDA device, or 1 on a CPU-only machine, where a training
+    step already runs one model per core (kernels/train.py): executor processes x training workers
+    never exceed the cores."""
+    import importlib.util
+
+    gpus = 0
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"duckdb": 1, "training": max(1, gpus)}
 
 
 PID_TAG, HOST_TAG = "provenance/pid", "provenance/host"

@@ -36,7 +36,7 @@ def plan_training(context: OpExecutionContext, experiments: ExperimentsResource,
         yield DynamicOutput(jobs, mapping_key=f"shard_{i}")
 
 
-@op
+@op(pool="training")   # limits in the instance (cli.pool_limits): one step per device, or one on the CPU
 def train_models(context: OpExecutionContext, shard: list, experiments: ExperimentsResource,
                  store: ArtifactStoreResource, compute: ComputeResource) -> int:
     """Train one shard of models and store each model under its key."""

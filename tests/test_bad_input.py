@@ -203,6 +203,13 @@ def test_two_commands_on_a_fresh_home_do_not_race_on_the_instance(tmp_path):
     errors = [p.communicate(timeout=180)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     assert "run_monitoring" in (tmp_path / "home" / "dagster" / "dagster.yaml").read_text()
+    from dagster import DagsterInstance
+
+    from cli import pool_limits
+
+    with DagsterInstance.from_config(str(tmp_path / "home" / "dagster")) as instance:   # pools, set once
+        slots = {k: instance.event_log_storage.get_concurrency_info(k).slot_count for k in ("duckdb", "training")}
+    assert slots == pool_limits() and slots["duckdb"] == 1
 
 
 def test_a_killed_run_is_marked_failed_next_time(tmp_path):

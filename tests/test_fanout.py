@@ -38,6 +38,19 @@ def test_lineage_job_fans_training_out_over_processes(tmp_path):
     assert steps == [f"shard_{i}" for i in range(4)], log[-3000:]
     pids = {line.split(" - ")[5] for line in starts}
     assert len(pids) == 4, starts
+    # the "training" pool (limit 1 on a CPU-only machine: a step already trains one model per core)
+    # keeps the shards' processes from running at the same time
+    from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
+
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        spans = {}
+        for kind in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS):
+            for rec in instance.get_event_records(EventRecordsFilter(event_type=kind)):
+                step = rec.event_log_entry.step_key or ""
+                if step.startswith("checkpoints.train_models[") or step.startswith("train_models["):
+                    spans.setdefault(step, {})[kind] = rec.event_log_entry.timestamp
+    spans = sorted((v[DagsterEventType.STEP_START], v[DagsterEventType.STEP_SUCCESS]) for v in spans.values())
+    assert len(spans) == 4 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
     import duckdb
 
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:

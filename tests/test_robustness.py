@@ -72,9 +72,9 @@ def test_the_study_runs_into_the_warehouse(study):
         table = conn.execute("SELECT * FROM robustness WHERE experiment = 'rob'").df()
         curve = conn.execute("SELECT * FROM robustness_curve WHERE experiment = 'rob'").df()
         neural = conn.execute("SELECT * FROM neural_attacks WHERE experiment = 'rob'").df()
-    # 3 budgets (standard, ε/2, ε) x 2 ensemble sizes x 3 attacks, and fusion at 2 budgets x 3 attacks
-    assert len(table) == 3 * 2 * 3 + 2 * 3
-    assert set(table["scheme"]) == {"ensemble", "fusion"}
+    # 3 budgets (standard, ε/2, ε) x 2 ensemble sizes x 3 attacks, and two fusions at 2 budgets x 3 attacks
+    assert len(table) == 3 * 2 * 3 + 2 * 2 * 3
+    assert set(table["scheme"]) == {"ensemble", "fusion", "fusion_at"}
     assert (table["robust_accuracy"] <= table["natural_accuracy"] + 1e-9).all()
     assert table["natural_accuracy"].min() > 0.5                          # the models learned
     # a larger attack never leaves more examples correct (same models, same examples)
@@ -132,5 +132,5 @@ def test_the_report_shows_the_study_where_it_ran(study):
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
         lines = _robustness_lines(conn, "rob")
         assert _robustness_lines(conn, "plain") == []
-    assert lines[0].startswith("  robustness") and len(lines) == 1 + 3 * 2 + 2
+    assert lines[0].startswith("  robustness") and len(lines) == 1 + 3 * 2 + 2 * 2
     assert "ensemble eps_train 0.05   K=2: natural" in "\n".join(lines) and "@0.2 " in lines[-1]
