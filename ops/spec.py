@@ -374,6 +374,10 @@ class RobustnessSpec(_Section):
 
     @model_validator(mode="after")
     def _steps(self):
+        if self.neural.enabled and max(self.ensemble_sizes) < 2:
+            raise ValueError("ensemble_sizes: the neural-response proxy needs at least 2 models per budget (the "
+                             "brain is one robust model, the robust surrogate another); add 2, or set "
+                             "neural.enabled: false")
         if self.eval_steps < self.steps:
             raise ValueError(f"eval_steps: {self.eval_steps} is fewer than the training attack's {self.steps} "
                              "steps; evaluate with at least as many")

@@ -30,6 +30,9 @@ def test_the_section_is_validated_with_its_keys_named():
         parse_spec({"name": "x", "robustness": {"ensemble_sizes": [0, 2]}})
     with pytest.raises(SpecError, match="robustness.neural.budgets"):
         parse_spec({"name": "x", "robustness": {"neural": {"budgets": []}}})
+    with pytest.raises(SpecError, match="robustness.ensemble_sizes: the neural-response proxy needs"):
+        parse_spec({"name": "x", "robustness": {"ensemble_sizes": [1]}})
+    assert parse_spec({"name": "x", "robustness": {"ensemble_sizes": [1], "neural": {"enabled": False}}})
     with pytest.raises(SpecError, match="robustness.unknown"):
         parse_spec({"name": "x", "robustness": {"unknown": 1}})
 
