@@ -298,6 +298,7 @@ def cmd_delete(args) -> int:
                 counts = delete_experiment(conn, name)
         if artifacts.exists():
             shutil.rmtree(artifacts)
+        shutil.rmtree(home / "artifacts" / ".pins" / name, ignore_errors=True)     # its pinned specs
         if known:
             instance.delete_dynamic_partition(experiments_partitions.name, name)
         if spec_file.exists():

@@ -531,9 +531,9 @@ def validate_against_data(spec: Spec, where: str = "<spec>", probe_images: bool 
 #
 # A run reads the spec it started with, not the file as it is when a later step runs: the spec is
 # snapshotted (its normalized form, paths already absolute) under
-# ``<pins>/<name>/specs/<digest>.json`` and the run names the digest (tag ``provenance/spec``, set by
+# ``<pins>/.pins/<name>/<digest>.json`` and the run names the digest (tag ``provenance/spec``, set by
 # the sensor and ./provenance run; a run launched from the UI pins the file as its first step reads
-# it, recorded in ``<pins>/<name>/specs/runs/<run id>``).
+# it, recorded in ``<pins>/.pins/<name>/runs/<run id>``).
 
 SPEC_TAG = "provenance/spec"
 
@@ -558,12 +558,12 @@ def _write_exclusive(path: Path, text: str) -> bool:
 def pin_spec(spec: Spec, pins: str | os.PathLike) -> str:
     """Snapshots ``spec``; returns its digest (the run tag's value)."""
     digest = spec.digest()
-    _write_exclusive(Path(pins) / spec.name / "specs" / f"{digest}.json", spec.model_dump_json(indent=1))
+    _write_exclusive(Path(pins) / ".pins" / spec.name / f"{digest}.json", spec.model_dump_json(indent=1))
     return digest
 
 
 def load_pinned(name: str, digest: str, pins: str | os.PathLike) -> Spec:
-    path = Path(pins) / name / "specs" / f"{digest}.json"
+    path = Path(pins) / ".pins" / name / f"{digest}.json"
     if not path.is_file():
         raise SpecError(f"{path}: the spec this run was started with is missing (tag {SPEC_TAG}={digest})")
     try:
@@ -578,7 +578,7 @@ def load_pinned(name: str, digest: str, pins: str | os.PathLike) -> Spec:
 
 def pin_for_run(spec_file: str | os.PathLike, name: str, run_id: str, pins: str | os.PathLike) -> Spec:
     """The spec run ``run_id`` reads: the one its first caller found in ``spec_file``, pinned."""
-    marker = Path(pins) / name / "specs" / "runs" / run_id
+    marker = Path(pins) / ".pins" / name / "runs" / run_id
     if not marker.is_file():
         spec = load_spec_file(spec_file)
         _write_exclusive(marker, pin_spec(spec, pins))   # a concurrent step may have won: read its pin

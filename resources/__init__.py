@@ -32,7 +32,7 @@ class ExperimentsResource(ConfigurableResource):
     spec edited while a run goes on changes nothing in that run."""
 
     directory: str
-    pins: str = ""          # the artifact store's root: snapshots go to <pins>/<name>/specs/
+    pins: str = ""          # the artifact store's root: snapshots go to <pins>/.pins/<name>/ (outside the experiment folder: a refused spec writes nothing there)
     _run = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

@@ -541,7 +541,7 @@ def test_a_run_reads_the_spec_it_was_started_with(tiny):
                 spec_json = q(home, "SELECT spec_json FROM experiments WHERE experiment = 'tiny'")[0][0]
                 assert f'"description":"{want}"' in spec_json.replace(": ", ":"), spec_json[:200]
                 if not tags:
-                    marker = home / "artifacts" / "tiny" / "specs" / "runs" / result.run_id
+                    marker = home / "artifacts" / ".pins" / "tiny" / "runs" / result.run_id
                     assert marker.is_file()
     finally:
         spec_file.write_text(original)

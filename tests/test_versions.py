@@ -109,7 +109,7 @@ def test_pinned_specs_round_trip_and_a_run_keeps_its_first_read(tmp_path):
     assert first.detector.restarts == 5
     assert pin_for_run(exp / "p.yaml", "p", "run-2", tmp_path / "pins").detector.restarts == 9
 
-    path = tmp_path / "pins" / "p" / "specs" / f"{digest}.json"
+    path = tmp_path / "pins" / ".pins" / "p" / f"{digest}.json"
     path.write_text(path.read_text().replace('"seed": 4', '"seed": 5'))
     with pytest.raises(SpecError, match="does not match its digest"):
         load_pinned("p", digest, tmp_path / "pins")
@@ -170,6 +170,7 @@ def test_cli_stale_lists_what_an_edit_affects_run_stale_runs_it_and_delete_remov
     out = cli("delete", "st", "--spec", "--yes")
     assert out.returncode == 0, out.stderr
     assert not (home / "artifacts" / "st").exists() and not spec_file.exists()
+    assert not (home / "artifacts" / ".pins" / "st").exists()
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
         tables = [r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()]
         assert all(conn.execute(f"SELECT count(*) FROM {t} WHERE experiment = 'st'").fetchone()[0] == 0
