@@ -103,6 +103,14 @@ def fail_dead_runs(instance) -> list[str]:
         instance.report_run_failed(run, message=f"process {pid} that ran it is gone (killed or crashed); "
                                                 f"marked failed by ./provenance")
         dead.append(run.run_id)
+    # pool slots (cli.pool_limits) still held by runs that are over, such as a killed run's: freed,
+    # or the next run would wait for them forever
+    storage = instance.event_log_storage
+    if storage.supports_global_concurrency_limits:
+        for run_id in storage.get_concurrency_run_ids():
+            run = instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                storage.free_concurrency_slots_for_run(run_id)
     return dead
 
 

@@ -40,15 +40,16 @@ def test_lineage_job_fans_training_out_over_processes(tmp_path):
     assert len(pids) == 4, starts
     # the "training" pool (limit 1 on a CPU-only machine: a step already trains one model per core)
     # keeps the shards' processes from running at the same time
-    from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
+    from dagster import DagsterEventType, DagsterInstance
 
     with DagsterInstance.from_config(str(dagster_home)) as instance:
+        [run] = instance.get_runs()
         spans = {}
-        for kind in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS):
-            for rec in instance.get_event_records(EventRecordsFilter(event_type=kind)):
-                step = rec.event_log_entry.step_key or ""
-                if step.startswith("checkpoints.train_models[") or step.startswith("train_models["):
-                    spans.setdefault(step, {})[kind] = rec.event_log_entry.timestamp
+        for entry in instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_START,
+                                                            DagsterEventType.STEP_SUCCESS}):
+            step = entry.step_key or ""
+            if step.startswith("checkpoints.train_models[") or step.startswith("train_models["):
+                spans.setdefault(step, {})[entry.dagster_event.event_type] = entry.timestamp
     spans = sorted((v[DagsterEventType.STEP_START], v[DagsterEventType.STEP_SUCCESS]) for v in spans.values())
     assert len(spans) == 4 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
     import duckdb
