@@ -16,6 +16,19 @@ ALL_ASSETS = [raw_dataset, training_set, loader_files, subset_masks, checkpoints
               experiment_sources, *STUDY_ASSETS]
 ALL_CHECKS = [models_above_chance, margins_finite]
 
+OWNERS = ["team:provenance"]
+
+
+def _annotated(assets_def):
+    """Owners and a ``stage`` tag (the asset's group) on every asset, as Dagster users expect to
+    filter the catalog by them."""
+    groups = assets_def.group_names_by_key
+    return assets_def.map_asset_specs(lambda spec: spec.replace_attributes(
+        owners=OWNERS, tags={**spec.tags, "stage": groups.get(spec.key, "default")}))
+
+
+ALL_ASSETS = [_annotated(a) for a in ALL_ASSETS]
+
 __all__ = ["ALL_ASSETS", "ALL_CHECKS", "experiments_partitions", "lineage_job", "experiment_specs_sensor",
            "inbox_sensor", "score_queries_job", "stale_experiments_schedule",
            "STUDY_JOBS"]

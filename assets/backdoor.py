@@ -17,6 +17,9 @@ from resources import ArtifactStoreResource, ComputeResource, ExperimentsResourc
        code_version="1")
 def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsResource,
                     store: ArtifactStoreResource, compute: ComputeResource):
+    """The strongest-feature detector and the registered baselines on the train x train scores:
+    flagged examples, precision / recall / AUROC against poison_truth, and clean accuracy and attack
+    success after retraining without the flagged set (and without the true poisons, as reference)."""
     from ops import backdoor
 
     key = context.partition_key

@@ -24,3 +24,14 @@ def metadata(summary: dict, paths: dict | None = None) -> dict:
         out[k] = MetadataValue.path(str(p))
     return out
 
+
+
+def table_metadata(schemas: dict, counts: dict) -> dict:
+    """Per warehouse table: its column schema (a Dagster TableSchema) and this experiment's row count."""
+    from dagster import TableColumn, TableSchema
+
+    out = {}
+    for table, cols in schemas.items():
+        out[f"{table}/columns"] = MetadataValue.table_schema(TableSchema(columns=[TableColumn(n, t) for n, t in cols]))
+        out[f"{table}/rows"] = MetadataValue.int(int(counts.get(table, 0)))
+    return out

@@ -9,7 +9,7 @@ from dagster import (AssetExecutionContext, AssetSelection, MaterializeResult, M
                      define_asset_job)
 from dagster_duckdb import DuckDBResource
 
-from assets.common import experiments_partitions, metadata
+from assets.common import experiments_partitions, metadata, table_metadata
 from assets.sources import source_deps
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
 
@@ -88,7 +88,7 @@ def robustness_warehouse(context: AssetExecutionContext, store: ArtifactStoreRes
                          duckdb: DuckDBResource) -> MaterializeResult:
     """The study's tables (robustness, robustness_curve, neural_attacks) in the warehouse."""
     from ops import robustness
-    from ops.warehouse import load_study_tables, writing
+    from ops.warehouse import load_study_tables, table_schemas, writing
 
     key = context.partition_key
     s = store.get()
@@ -98,7 +98,10 @@ def robustness_warehouse(context: AssetExecutionContext, store: ArtifactStoreRes
         frames["neural_attacks"] = s.load_table(key, robustness.NEURAL, "neural_attacks.parquet")
     with writing(Path(duckdb.database)) as conn:
         counts = load_study_tables(conn, key, robustness.TABLES, frames)
-    return MaterializeResult(metadata={"rows": MetadataValue.json(counts)})
+        schemas = table_schemas(conn, counts)
+    return MaterializeResult(metadata={"rows": MetadataValue.json(counts),
+                                       "dagster/row_count": MetadataValue.int(int(sum(counts.values()))),
+                                       **table_metadata(schemas, counts)})
 
 
 ASSETS = [robust_models, robustness_eval, neural_response, robustness_warehouse]

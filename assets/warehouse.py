@@ -5,7 +5,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
-from assets.common import experiments_partitions
+from assets.common import experiments_partitions, table_metadata
 from assets.sources import source_deps
 from resources import ArtifactStoreResource, ExperimentsResource
 
@@ -19,14 +19,17 @@ def warehouse(context: AssetExecutionContext, experiments: ExperimentsResource, 
               duckdb: DuckDBResource) -> MaterializeResult:
     """Loads this experiment's rows into every warehouse table (docs/tables.md)."""
     from ops.report import experiment_report
-    from ops.warehouse import load_experiment, writing
+    from ops.warehouse import load_experiment, table_schemas, writing
 
     key = context.partition_key
     # a private copy, renamed into place: readers keep their snapshot, writers take turns
     with writing(Path(duckdb.database)) as conn:
         counts = load_experiment(conn, store.get(), key, experiments.load(key))
         report = experiment_report(conn, key)
+        schemas = table_schemas(conn, counts)
     context.log.info("\n" + report)
     return MaterializeResult(metadata={"database": MetadataValue.path(duckdb.database),
                                        "rows": MetadataValue.json(counts),
-                                       "report": MetadataValue.md(f"```\n{report}\n```")})
+                                       "dagster/row_count": MetadataValue.int(int(sum(counts.values()))),
+                                       "report": MetadataValue.md(f"```\n{report}\n```"),
+                                       **table_metadata(schemas, counts)})

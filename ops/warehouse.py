@@ -227,6 +227,11 @@ def load_study_tables(conn, exp: str, schemas: dict[str, str], frames: dict) -> 
     return counts
 
 
+def table_schemas(conn, tables) -> dict[str, list[tuple[str, str]]]:
+    """(column, DuckDB type) of each table, as DESCRIBE gives them (for the assets' metadata)."""
+    return {t: [(r[0], r[1]) for r in conn.execute(f"DESCRIBE {t}").fetchall()] for t in tables}
+
+
 def delete_experiment(conn, exp: str) -> dict[str, int]:
     """Removes every row of ``exp`` from every table with an ``experiment`` column (the core's,
     query batches and the studies'). Returns the counts."""

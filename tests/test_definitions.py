@@ -30,6 +30,19 @@ def test_definitions_load_with_the_whole_lineage():
     assert AssetKey("gradient_features") in graph.get(AssetKey("attribution_scores")).parent_keys
 
 
+def test_every_asset_has_a_description_owners_a_stage_tag_and_a_code_version():
+    from definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        name = key.to_user_string()
+        assert node.description, name
+        assert node.owners == ["team:provenance"], name
+        assert node.tags.get("stage") == node.group_name, (name, node.tags)
+        assert not node.is_materializable or node.code_version, name
+
+
 def test_definitions_import_neither_torch_nor_numba():
     code = "import sys, definitions; print('torch' in sys.modules, 'numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

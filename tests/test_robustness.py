@@ -137,3 +137,14 @@ def test_the_report_shows_the_study_where_it_ran(study):
         assert _robustness_lines(conn, "plain") == []
     assert lines[0].startswith("  robustness") and len(lines) == 1 + 3 * 2 + 2 * 2
     assert "ensemble eps_train 0.05   K=2: natural" in "\n".join(lines) and "@0.2 " in lines[-1]
+
+
+def test_the_study_tables_carry_their_schema_and_row_counts_as_metadata(study):
+    results, _ = study
+    meta = next(e for e in results["rob"].get_asset_materialization_events()
+                if e.asset_key.to_user_string() == "robustness_warehouse").materialization.metadata
+    cols = [c.name for c in meta["robustness/columns"].value.columns]
+    assert cols[:3] == ["experiment", "scheme", "eps_train"] and "robust_accuracy" in cols
+    assert meta["robustness/rows"].value == 3 * 2 * 3 + 2 * 2 * 3
+    assert meta["dagster/row_count"].value == sum(meta[f"{t}/rows"].value
+                                                  for t in ("robustness", "robustness_curve", "neural_attacks"))
