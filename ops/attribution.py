@@ -44,8 +44,11 @@ def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.
     chunk = None
     with store.atomic(exp, FEAT, "train.npy") as p_train, store.atomic(exp, FEAT, "test.npy") as p_test, \
             store.atomic(exp, FEAT, "out_to_loss.npy") as p_q:
+        from ops.progress import bar
+
         with NpyFile.create(p_train, (m, n, k), np.float32) as train, NpyFile.create(p_test, (m, t, k), np.float32) \
-                as test, NpyFile.create(p_q, (m, n), np.float32) as q:
+                as test, NpyFile.create(p_q, (m, n), np.float32) as q, \
+                bar(m, f"featurizing {n + t} examples", "checkpoint") as shown:
             for i, (epoch, j) in enumerate(members):
                 p = {kk: v.to(device) for kk, v in load_member(spec, store, exp, j, epoch).items()}
                 proj = make_projector(spec.trak.projector, model, p, k, spec.seed * 100_003 + i, budget, device)
@@ -58,6 +61,7 @@ def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.
                 qi = batched_out_to_loss(model, p, data.x, data.y, batch=max(chunk, 256)).cpu().numpy()
                 finite &= bool(np.isfinite(qi).all())
                 q.write(i, qi[None])
+                shown.update(1)
                 if (i + 1) % max(1, m // 8) == 0 or i + 1 == m:
                     log(f"featurized {i + 1}/{m} checkpoints ({time.perf_counter() - t0:.1f}s, "
                         f"{(i + 1) * (n + t) / (time.perf_counter() - t0):.0f} examples/s)")

@@ -163,11 +163,20 @@ def strongest_feature(inp: Inputs) -> Detection:
     d = inp.spec.detector
     a, rows = inp.prepared
     t0 = time.perf_counter()
-    parts = strongest_feature_membership(
-        a, sizes=d.sizes, restarts=d.restarts, swaps=d.swaps, max_passes=d.max_passes, seed=inp.spec.seed,
-        size_exponent=d.size_exponent, search=d.search, labels=inp.labels, parts=True,
-        on_size=lambda i, k, size: inp.log(f"local search: {'size ' if isinstance(size, int) else ''}{size} "
-                                           f"({i + 1}/{k}, {time.perf_counter() - t0:.1f}s)"))
+    from ops.progress import advance_to, bar
+
+    shown = bar(0, "strongest feature: local search", "size")
+
+    def on_size(i, k, size):
+        shown.total = k
+        advance_to(shown, i + 1)
+        inp.log(f"local search: {'size ' if isinstance(size, int) else ''}{size} "
+                f"({i + 1}/{k}, {time.perf_counter() - t0:.1f}s)")
+
+    with shown:
+        parts = strongest_feature_membership(
+            a, sizes=d.sizes, restarts=d.restarts, swaps=d.swaps, max_passes=d.max_passes, seed=inp.spec.seed,
+            size_exponent=d.size_exponent, search=d.search, labels=inp.labels, parts=True, on_size=on_size)
     member = sum(parts.values())
     if d.score == "membership":
         flags, rule = _flag_by_rule(inp.spec, member)

@@ -242,14 +242,21 @@ def train_shard(spec: Spec, store: ArtifactStore, exp: str, jobs: list[dict], de
     snapshots = {e: None for e in spec.training.save_epochs}
     last = [t0]
 
+    from ops.progress import advance_to, bar
+
+    shown = bar(spec.training.epochs, f"{name}: training {len(jobs)} model{'' if len(jobs) == 1 else 's'}", "epoch")
+
     def progress(epoch: int, loss: float):   # at most every 15 s: models one per core report their own epochs
         now = time.perf_counter()
+        advance_to(shown, epoch + 1)
+        shown.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if now - last[0] >= 15:
             last[0] = now
             log(f"{name}: epoch {epoch + 1}/{spec.training.epochs}, loss {loss:.4f} ({now - t0:.0f}s)")
 
-    params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe,
-                           on_epoch=progress, snapshots=snapshots)
+    with shown:
+        params = train_stacked(make_model, data.x, data.y, subsets, [j["seed"] for j in jobs], recipe,
+                               on_epoch=progress, snapshots=snapshots)
     for e, snap in snapshots.items():   # intermediate checkpoints first: the final file marks a model done
         for i, job in enumerate(jobs):
             store.save_tensors(exp, CKPT, _epoch_file(job["file"], e), {k: v[i].contiguous() for k, v in snap.items()},

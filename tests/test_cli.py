@@ -23,10 +23,13 @@ def test_run_prints_the_report_and_sql_reads_the_warehouse(tmp_path):
 
     spec = tmp_path / "tiny_cli.yaml"
     spec.write_text(yaml.safe_dump(TINY))
-    env = {**os.environ, "PROVENANCE_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PROVENANCE_HOME": str(tmp_path / "home"), "PROVENANCE_PROGRESS": "1"}
     out = subprocess.run([sys.executable, "cli.py", "run", str(spec), "--log-level", "WARNING"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+    # progress bars on the long stages (forced on: stderr is not a terminal here)
+    for bar in ("shard_0: training 32 models", "featurizing 360 examples", "strongest feature: local search"):
+        assert bar in out.stderr, bar
     assert "provenance report: experiment tiny_cli" in out.stdout
     assert "LDS trak" in out.stdout and "detector strongest_feature" in out.stdout
     assert (tmp_path / "home" / "dagster" / "dagster.yaml").exists()
