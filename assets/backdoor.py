@@ -33,6 +33,11 @@ def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsReso
         f"Top-ranked training images of `{summary['grid_method']}` (red frame: truly poisoned)\n\n"
         f"![top flagged](data:image/png;base64,{base64.b64encode(grid.read_bytes()).decode()})")
     md["top_flagged_path"] = MetadataValue.path(str(grid))
+    plot = backdoor.plot_scores(s.load_table(key, backdoor.REPORT, "scores.parquet"),
+                                s.path(key, backdoor.REPORT, "scores.png"), summary["grid_method"])
+    md["scores_and_roc"] = MetadataValue.md(
+        f"Score histogram of `{summary['grid_method']}` and every detector's ROC curve\n\n"
+        f"![scores](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})")
     yield MaterializeResult(metadata=md)
     yield AssetCheckResult(check_name="detector_flagged_something", passed=summary["flagged"] > 0,
                            severity=AssetCheckSeverity.WARN, metadata={"flagged": summary["flagged"]})

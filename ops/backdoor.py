@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -190,3 +191,52 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
                                                                       "retrain_attack_success_rate")},
             "reference_accuracy": reference[0], "reference_attack_success_rate": reference[1],
             "failed_detectors": failed}
+
+
+def plot_scores(scores: pd.DataFrame, dest, method: str | None = None) -> Path:
+    """The first detector's score histogram (poisoned and clean apart where the truth is known, its
+    lowest flagged score marked) and every detector's ROC curve against the truth, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    methods = list(dict.fromkeys(scores["method"]))
+    if method in methods:
+        methods.remove(method)
+        methods.insert(0, method)
+    first = scores[scores["method"] == methods[0]]
+    known = scores["poisoned"].notna().all() and 0 < scores["poisoned"].astype(bool).mean() < 1
+    fig, axes = plt.subplots(1, 2 if known else 1, figsize=(9 if known else 4.6, 3.3), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    if known:
+        truth = first["poisoned"].astype(bool)
+        ax.hist([first["score"][~truth], first["score"][truth]], bins=40, stacked=True,
+                label=["clean", "poisoned"], color=["#8aa", "#d33"])
+    else:
+        ax.hist(first["score"], bins=40, color="#8aa")
+    flagged = first["score"][first["flagged"].astype(bool)]
+    if len(flagged):
+        ax.axvline(flagged.min(), color="k", ls="--", lw=1, label=f"flagged ({len(flagged)})")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{methods[0]} score")
+    ax.set_ylabel("training examples")
+    ax.legend(fontsize=7)
+    if known:
+        ax = axes[0][1]
+        for m in methods:
+            g = scores[scores["method"] == m]
+            fpr, tpr, _ = roc_curve(g["poisoned"].astype(bool), g["score"])
+            ax.plot(fpr, tpr, label=m)
+        ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(dest)
+    return dest

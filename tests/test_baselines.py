@@ -232,3 +232,27 @@ def test_datamodels_train_x_train_regresses_each_examples_margin_on_the_masks(tm
     off = ~np.eye(n, dtype=bool)
     off[3, 7] = off[10, 11] = False
     assert np.abs(a[off]).max() < 0.1
+
+
+def test_the_score_plot_draws_the_histogram_and_every_roc_and_survives_unknown_truth(tmp_path):
+    import pandas as pd
+
+    from ops.backdoor import plot_scores
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(300) < 0.1
+    rows = []
+    for m, shift in (("strongest_feature", 3.0), ("spectre", 0.5)):
+        score = rng.standard_normal(300) + shift * truth
+        rows.append(pd.DataFrame({"method": m, "score": score, "flagged": score > 2, "poisoned": truth}))
+    scores = pd.concat(rows, ignore_index=True)
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    p = plot_scores(scores, tmp_path / "s.png", "spectre")
+    assert p.read_bytes()[:4] == b"\x89PNG" and plt.get_fignums() == before      # written, closed
+    unknown = scores.assign(poisoned=None)
+    assert plot_scores(unknown, tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"   # histogram only
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s.png").size[0] > Image.open(tmp_path / "u.png").size[0]   # two panels vs one

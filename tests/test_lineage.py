@@ -99,6 +99,7 @@ def test_warehouse_holds_every_stage(tiny):
         assert (racc is not None) == (nf > 0), method
         assert ref is not None and 0.5 < ref <= 1
     assert (home / "artifacts" / "tiny" / "backdoor_report" / "top_flagged.png").read_bytes()[:4] == b"\x89PNG"
+    assert (home / "artifacts" / "tiny" / "backdoor_report" / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert set(checks) == {"models_above_chance", "margins_finite", "features_finite", "scores_finite",
                            "baseline_scores_finite", "enough_heldout_models", "lds_defined",
                            "detector_flagged_something"}
