@@ -14,7 +14,7 @@ from dagster import Definitions
 from dagster_duckdb import DuckDBResource
 
 from assets import (ALL_ASSETS, ALL_CHECKS, STUDY_JOBS, experiment_specs_sensor, inbox_sensor, lineage_job,
-                    score_queries_job, stale_experiments_schedule)
+                    observe_sources_job, score_queries_job, stale_experiments_schedule)
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
 
 PROJECT = Path(__file__).resolve().parent
@@ -44,6 +44,6 @@ def make_resources(home_dir: Path | None = None, exp_dir: Path | None = None) ->
     }
 
 
-defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[lineage_job, score_queries_job, *STUDY_JOBS],
+defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[lineage_job, score_queries_job, observe_sources_job, *STUDY_JOBS],
                    sensors=[experiment_specs_sensor, inbox_sensor], schedules=[stale_experiments_schedule],
                    resources=make_resources())

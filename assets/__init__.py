@@ -6,7 +6,7 @@ from assets.common import experiments_partitions
 from assets.data import loader_files, raw_dataset, subset_masks, training_set
 from assets.inbox import inbox_sensor, score_queries_job
 from assets.sensors import experiment_specs_sensor, lineage_job, stale_experiments_schedule
-from assets.sources import experiment_sources
+from assets.sources import experiment_sources, observe_sources_job
 from assets.studies import STUDY_ASSETS, STUDY_JOBS
 from assets.training import checkpoints, margins_finite, models_above_chance
 from assets.warehouse import warehouse
@@ -31,4 +31,4 @@ ALL_ASSETS = [_annotated(a) for a in ALL_ASSETS]
 
 __all__ = ["ALL_ASSETS", "ALL_CHECKS", "experiments_partitions", "lineage_job", "experiment_specs_sensor",
            "inbox_sensor", "score_queries_job", "stale_experiments_schedule",
-           "STUDY_JOBS"]
+           "STUDY_JOBS", "observe_sources_job"]

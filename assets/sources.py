@@ -1,15 +1,15 @@
 """The lineage's sources: the dataset's files and the spec's sections, as observable source assets.
 
 Their data versions are the digests of ops/versions.py.  Observations are recorded by the specs
-sensor on every tick that finds a change, by ``./provenance run`` before it runs, and by the UI's
-"Observe sources" button; Dagster then shows as stale exactly the assets whose sources changed
+sensor on every tick that finds a change, by ``./provenance run`` before it runs, and by
+``observe_sources_job`` (launched from the UI for a partition); Dagster then shows as stale exactly the assets whose sources changed
 since they were materialized (a ``detector`` edit: ``backdoor_report``; new rows in the dataset:
 ``raw_dataset``, and the rest of the lineage as it is re-materialized with new content).
 """
 import warnings
 
-from dagster import (AssetKey, BetaWarning, AssetObservation, AssetSelection, AssetSpec, DataVersion,
-                     ObserveResult, multi_observable_source_asset)
+from dagster import (AssetKey, AssetObservation, AssetSelection, AssetSpec, BetaWarning, DataVersion,
+                     ObserveResult, define_asset_job, multi_observable_source_asset)
 from dagster._core.definitions.data_version import DATA_VERSION_TAG   # the tag observations carry
 
 from assets.common import experiments_partitions
@@ -46,6 +46,12 @@ with warnings.catch_warnings():     # multi_observable_source_asset is a beta AP
         partitions_def=experiments_partitions, name="experiment_sources",
         description="Digests of what an experiment's results depend on: its dataset's files and its spec's "
                     "sections.")(_observe)
+
+
+observe_sources_job = define_asset_job(
+    "observe_sources_job", selection=AssetSelection.assets(*SOURCE_KEYS.values()),
+    description="Observes one experiment's sources (its spec's sections, its dataset's files): what the specs "
+                "sensor does on each tick, on demand.")
 
 
 def recorded_versions(instance, exp: str) -> dict[str, str]:

@@ -181,3 +181,23 @@ def test_cli_stale_lists_what_an_edit_affects_run_stale_runs_it_and_delete_remov
         assert not instance.has_dynamic_partition("experiments", "st")
     out = cli("delete", "st", "--yes")
     assert out.returncode == 2 and "no experiment 'st'" in out.stderr
+
+
+def test_the_observe_job_records_the_same_digests_as_the_sensor(tmp_path):
+    """What the UI's observation (observe_sources_job, or "Observe" on a source) records is
+    ops.versions' digests: the same data versions the sensor and ./provenance run record."""
+    from dagster import Definitions, instance_for_test
+
+    from assets import ALL_ASSETS, ALL_CHECKS, observe_sources_job
+    from assets.sources import recorded_versions
+    from definitions import make_resources
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "o.yaml").write_text(yaml.safe_dump({"seed": 5, "detector": {"restarts": 3}}))
+    defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[observe_sources_job],
+                       resources=make_resources(tmp_path / "home", tmp_path / "exp"))
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("experiments", ["o"])
+        result = defs.resolve_job_def("observe_sources_job").execute_in_process(partition_key="o", instance=instance)
+        assert result.success
+        assert recorded_versions(instance, "o") == versions(load_spec_file(tmp_path / "exp" / "o.yaml"))
