@@ -44,6 +44,24 @@ def make_resources(home_dir: Path | None = None, exp_dir: Path | None = None) ->
     }
 
 
+def executor():
+    """The executor, chosen by environment alone: ``PROVENANCE_EXECUTOR`` = ``multiprocess`` (the
+    default: steps in processes on this machine) or ``celery`` (steps on celery workers, on any
+    machines that share the artifact store and the Dagster instance; broker and result backend from
+    ``PROVENANCE_CELERY_BROKER`` / ``PROVENANCE_CELERY_BACKEND``, default a Redis on localhost).
+    README "More than one machine" shows Kubernetes (dagster-k8s) the same way."""
+    kind = os.environ.get("PROVENANCE_EXECUTOR", "multiprocess")
+    if kind == "multiprocess":
+        return None                                   # Dagster's default for asset jobs
+    if kind == "celery":
+        from dagster_celery import celery_executor
+
+        broker = os.environ.get("PROVENANCE_CELERY_BROKER", "redis://localhost:6379/0")
+        return celery_executor.configured({"broker": broker,
+                                           "backend": os.environ.get("PROVENANCE_CELERY_BACKEND", broker)})
+    raise ValueError(f"PROVENANCE_EXECUTOR: {kind!r} is not one of multiprocess, celery")
+
+
 defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[lineage_job, score_queries_job, observe_sources_job, *STUDY_JOBS],
                    sensors=[experiment_specs_sensor, inbox_sensor], schedules=[stale_experiments_schedule],
-                   resources=make_resources())
+                   resources=make_resources(), executor=executor())
