@@ -69,6 +69,35 @@ def _update(xt, r, wt, j, nj, lt):
 
 
 @numba.njit(cache=True)
+def _null_direction_step(v, wt, act, na):
+    """Along a null direction ``v`` of the active columns the residual stays put and the l1 term is
+    linear: move the active weights against sign(w)'v until the first one reaches zero, and set it
+    to zero.  False where no move lowers the objective (v orthogonal to the signs, or no weight
+    would reach zero).  Shared by the residual and the Gram coordinate descents."""
+    sv = 0.0
+    for a in range(na):
+        sv += v[a] * (1.0 if wt[act[a]] > 0 else -1.0)
+    if sv == 0.0:
+        return False
+    step = np.inf
+    hit = -1
+    for a in range(na):
+        d = -v[a] if sv > 0 else v[a]
+        old = wt[act[a]]
+        if old * d < 0:
+            t = -old / d
+            if t < step:
+                step, hit = t, a
+    if hit < 0:
+        return False
+    for a in range(na):
+        d = -v[a] if sv > 0 else v[a]
+        wt[act[a]] += step * d
+    wt[act[hit]] = 0.0
+    return True
+
+
+@numba.njit(cache=True)
 def _active_step(xt, y, r, wt, act, na, lt):
     """One active-set step: inside the orthant of the current signs the objective is the smooth
     quadratic 1/(2m)||y - X_A w||^2 + lam s'w; move from w towards its minimizer (least squares on
@@ -100,27 +129,8 @@ def _active_step(xt, y, r, wt, act, na, lt):
         # more active columns than their rank: along a null direction v of X_A the residual stays
         # put and the l1 term is linear, so move against s'v until a weight reaches zero (this is
         # how the solution keeps at most rank-many nonzeros)
-        v = vecs[:, 0]
-        sv = 0.0
-        for a in range(na):
-            sv += v[a] * (1.0 if wt[act[a]] > 0 else -1.0)
-        if sv == 0.0:
+        if not _null_direction_step(vecs[:, 0], wt, act, na):
             return na, False
-        step = np.inf
-        hit = -1
-        for a in range(na):
-            d = -v[a] if sv > 0 else v[a]
-            old = wt[act[a]]
-            if old * d < 0:
-                t = -old / d
-                if t < step:
-                    step, hit = t, a
-        if hit < 0:
-            return na, False
-        for a in range(na):
-            d = -v[a] if sv > 0 else v[a]
-            wt[act[a]] += step * d
-        wt[act[hit]] = 0.0
         for i in range(m):   # the residual moved only by round-off; recompute it exactly
             e = y[i]
             for a in range(na):
@@ -402,27 +412,8 @@ def _gram_active_step(gram, c, wt, act, na, ga, lt):
         if vals[0] > 1e-10 * max(vals[-1], 1e-300):
             sol = np.linalg.solve(gaa, rhs)
         else:
-            v = vecs[:, 0]
-            sv = 0.0
-            for a in range(na):
-                sv += v[a] * (1.0 if wt[act[a]] > 0 else -1.0)
-            if sv == 0.0:
+            if not _null_direction_step(vecs[:, 0], wt, act, na):
                 return na, False
-            step = np.inf
-            hit = -1
-            for a in range(na):
-                d = -v[a] if sv > 0 else v[a]
-                old = wt[act[a]]
-                if old * d < 0:
-                    t = -old / d
-                    if t < step:
-                        step, hit = t, a
-            if hit < 0:
-                return na, False
-            for a in range(na):
-                d = -v[a] if sv > 0 else v[a]
-                wt[act[a]] += step * d
-            wt[act[hit]] = 0.0
             for a in range(na):
                 e = c[act[a]]
                 for b in range(na):
