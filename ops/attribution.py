@@ -401,12 +401,9 @@ def lds_curve(spec: Spec, store: ArtifactStore, exp: str, x: np.ndarray, actual:
 
 def plot_lds_curve(curve: pd.DataFrame, dest) -> "Path":
     """LDS (with its bootstrap interval) against the number of models, one line per method, as PNG."""
-    import matplotlib
+    from ops.plots import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    fig, ax = figure()
     for method, g in curve.groupby("method"):
         g = g.sort_values("num_models")
         ax.plot(g["num_models"], g["lds"], marker="o", label=method)
@@ -416,11 +413,4 @@ def plot_lds_curve(curve: pd.DataFrame, dest) -> "Path":
     ax.set_ylabel("LDS")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(dest)
-    return dest
+    return save(fig, dest)

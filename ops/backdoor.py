@@ -196,11 +196,9 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
 def plot_scores(scores: pd.DataFrame, dest, method: str | None = None) -> Path:
     """The first detector's score histogram (poisoned and clean apart where the truth is known, its
     lowest flagged score marked) and every detector's ROC curve against the truth, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
+
+    from ops.plots import figure, save
 
     methods = list(dict.fromkeys(scores["method"]))
     if method in methods:
@@ -208,8 +206,8 @@ def plot_scores(scores: pd.DataFrame, dest, method: str | None = None) -> Path:
         methods.insert(0, method)
     first = scores[scores["method"] == methods[0]]
     known = scores["poisoned"].notna().all() and 0 < scores["poisoned"].astype(bool).mean() < 1
-    fig, axes = plt.subplots(1, 2 if known else 1, figsize=(9 if known else 4.6, 3.3), dpi=100, squeeze=False)
-    ax = axes[0][0]
+    fig, axes = figure((9, 3.3) if known else (4.6, 3.3), ncols=2 if known else 1)
+    ax = axes[0] if known else axes
     if known:
         truth = first["poisoned"].astype(bool)
         ax.hist([first["score"][~truth], first["score"][truth]], bins=40, stacked=True,
@@ -224,7 +222,7 @@ def plot_scores(scores: pd.DataFrame, dest, method: str | None = None) -> Path:
     ax.set_ylabel("training examples")
     ax.legend(fontsize=7)
     if known:
-        ax = axes[0][1]
+        ax = axes[1]
         for m in methods:
             g = scores[scores["method"] == m]
             fpr, tpr, _ = roc_curve(g["poisoned"].astype(bool), g["score"])
@@ -233,10 +231,4 @@ def plot_scores(scores: pd.DataFrame, dest, method: str | None = None) -> Path:
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(dest)
-    return dest
+    return save(fig, dest)

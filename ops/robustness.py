@@ -275,12 +275,9 @@ def ensemble_claim(table: pd.DataFrame, r) -> dict:
 
 
 def plot_curve(curve: pd.DataFrame, dest) -> Path:
-    import matplotlib
+    from ops.plots import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    fig, ax = figure()
     for f, g in curve.groupby("eps_train"):
         ax.plot(g["eps"], g["robust_accuracy"], marker="o", label="standard" if f == 0 else f"PGD-AT ε={f:g}")
     ax.set_xlabel("attack budget ε")
@@ -288,14 +285,7 @@ def plot_curve(curve: pd.DataFrame, dest) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(dest)
-    return dest
+    return save(fig, dest)
 
 
 # ------------------------------------------------------------------ neural-response proxy
@@ -398,12 +388,9 @@ def _noise_like(x: torch.Tensor, threat: Threat, seed: int) -> torch.Tensor:
 
 
 def plot_neural(table: pd.DataFrame, dest) -> Path:
-    import matplotlib
+    from ops.plots import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.4, 3.4), dpi=100)
+    fig, ax = figure((5.4, 3.4))
     for name, g in table.groupby("surrogate"):
         ax.plot(g["budget"], g["brain_change"], marker="o", label=f"brain, attack via {name} surrogate")
         ax.plot(g["budget"], g["self_change"], ls="--", label=f"{name} network's own units")
@@ -413,11 +400,4 @@ def plot_neural(table: pd.DataFrame, dest) -> Path:
     ax.set_ylabel("response change (site sd)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(dest)
-    return dest
+    return save(fig, dest)
