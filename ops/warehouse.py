@@ -130,6 +130,18 @@ def writing(db: str | os.PathLike) -> Iterator:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _transaction(conn):
+    """One DuckDB transaction: committed if the block finishes, rolled back if it raises."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def create_tables(conn) -> None:
     """Create missing tables, and add columns that a newer schema has to existing ones."""
     for name, cols in TABLES.items():
@@ -163,8 +175,7 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
     paths["attributions"] = [str(m.top_table(ctx)) for m in METHODS.values()]
     create_tables(conn)
     counts = {}
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(conn):
         for table in (t for t in TABLES if t not in QUERY_TABLES):   # query batches are not the run's
             conn.execute(f"DELETE FROM {table} WHERE experiment = ?", [exp])
             if table in paths:
@@ -175,10 +186,6 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
                 conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
                 conn.unregister("incoming")
             counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return counts
 
 
@@ -191,18 +198,13 @@ def load_query_batch(conn, exp: str, batch: str, queries: pd.DataFrame, top: pd.
     untouched."""
     create_tables(conn)
     counts = {}
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(conn):
         for table, df in (("queries", queries), ("query_attributions", top)):
             conn.execute(f"DELETE FROM {table} WHERE experiment = ? AND batch = ?", [exp, batch])
             conn.register("incoming", df)
             conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
             conn.unregister("incoming")
             counts[table] = len(df)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return counts
 
 
@@ -212,18 +214,13 @@ def load_study_tables(conn, exp: str, schemas: dict[str, str], frames: dict) -> 
     counts = {}
     for name, cols in schemas.items():
         conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(conn):
         for name, df in frames.items():
             conn.execute(f"DELETE FROM {name} WHERE experiment = ?", [exp])
             conn.register("incoming", df)
             conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM incoming")
             conn.unregister("incoming")
             counts[name] = len(df)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return counts
 
 
@@ -238,13 +235,8 @@ def delete_experiment(conn, exp: str) -> dict[str, int]:
     have = sorted({r[0] for r in conn.execute(
         "SELECT table_name FROM information_schema.columns WHERE column_name = 'experiment'").fetchall()})
     counts = {}
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(conn):
         for table in have:
             counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]
             conn.execute(f"DELETE FROM {table} WHERE experiment = ?", [exp])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return counts
