@@ -125,6 +125,12 @@ def _resolve_spec(arg: str) -> Path:
     return experiments_dir() / f"{arg}.yaml"
 
 
+def _store_resource(home: Path):
+    from resources import ArtifactStoreResource
+
+    return ArtifactStoreResource(root=str(home / "artifacts"), url=os.environ.get("PROVENANCE_STORE_URL", ""))
+
+
 def cmd_validate(args) -> int:
     from ops.spec import SpecError, load_spec_file, validate_against_data
 
@@ -174,14 +180,14 @@ def cmd_run(args) -> int:
         instance.add_dynamic_partitions(experiments_partitions.name, [spec.name])
     from assets.sensors import EXPERIMENT_TAG
     from assets.sources import record
-    from ops.spec import SPEC_TAG, pin_spec
+    from ops.spec import SPEC_TAG
     from ops.versions import versions
 
     t0 = time.perf_counter()
     # what this run reads, as the sources' data versions (stale status), and the spec it pins
     record(instance, spec.name, versions(spec, home / "artifacts" / ".cache" / "file_digests.json"))
     tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), EXPERIMENT_TAG: spec.name,
-            SPEC_TAG: pin_spec(spec, home / "artifacts")}
+            SPEC_TAG: _store_resource(home).pin(spec)}
     from assets.studies import named, selection_for
 
     selection = _selection(instance, spec) if args.stale else selection_for(spec)
@@ -307,6 +313,9 @@ def cmd_delete(args) -> int:
         if artifacts.exists():
             shutil.rmtree(artifacts)
         shutil.rmtree(home / "artifacts" / ".pins" / name, ignore_errors=True)     # its pinned specs
+        if (mirror := _store_resource(home).mirror()) is not None:                  # and on the shared store
+            mirror.delete(f"{name}/")
+            mirror.delete(f".pins/{name}/")
         if known:
             instance.delete_dynamic_partition(experiments_partitions.name, name)
         if spec_file.exists():
@@ -419,6 +428,7 @@ def cmd_score(args) -> int:
     """Score new query examples against a finished experiment (ops/newdata.py): no model is
     retrained and no training feature recomputed; the batch lands in the warehouse's ``queries``
     and ``query_attributions`` tables, and each query's top supporting training examples print."""
+    from ops.mirror import MirrorError
     from ops.newdata import QueryError, read_queries, score_queries
     from ops.spec import SpecError, load_spec_file, user_path
     from ops.store import ArtifactError, ArtifactStore
@@ -430,10 +440,12 @@ def cmd_score(args) -> int:
         spec = load_spec_file(_resolve_spec(args.experiment))
         device = resolve_device(args.device or os.environ.get("PROVENANCE_DEVICE", "auto"))
         store = ArtifactStore(home / "artifacts")
+        if (mirror := _store_resource(home).mirror()) is not None:    # the shared store's current artifacts
+            mirror.pull(f"{spec.name}/")
         queries = read_queries(spec, store, spec.name, user_path(args.path))
         out = score_queries(spec, store, spec.name, queries, device,
                             log=lambda m: print(m, file=sys.stderr) if args.verbose else None)
-    except (SpecError, DeviceError, QueryError, ArtifactError) as e:
+    except (SpecError, DeviceError, QueryError, ArtifactError, MirrorError) as e:
         print(e, file=sys.stderr)
         return 2
     with writing(home / "warehouse.duckdb") as conn:
@@ -441,10 +453,13 @@ def cmd_score(args) -> int:
     top, rows = out["top"], out["queries_table"]
     print(f"{spec.name}: scored {out['queries']} queries (batch {out['batch']}) in {out['seconds']:.1f}s with "
           f"{', '.join(out['methods'])}; warehouse tables queries, query_attributions (top TRAK support below)")
-    for r in rows.itertuples():
-        print(f"\n{r.query_id}  [{r.class_name}, {r.label_source}; margin {r.margin_full:+.2f}]")
-        for t in top[(top["query_index"] == r.query_index) & (top["method"] == "trak")].head(args.top).itertuples():
-            print(f"  {t.rank:>3}. {t.train_id:<28} score {t.score:+.4g}")
+    import polars as pl
+
+    for r in rows.iter_rows(named=True):
+        print(f"\n{r['query_id']}  [{r['class_name']}, {r['label_source']}; margin {r['margin_full']:+.2f}]")
+        mine = top.filter((pl.col("query_index") == r["query_index"]) & (pl.col("method") == "trak"))
+        for t in mine.head(args.top).iter_rows(named=True):
+            print(f"  {t['rank']:>3}. {t['train_id']:<28} score {t['score']:+.4g}")
     return 0
 
 

@@ -37,19 +37,34 @@ def make_resources(home_dir: Path | None = None, exp_dir: Path | None = None) ->
     h = Path(home_dir) if home_dir else home()
     exp_dir = exp_dir or experiments_dir()
     return {
-        "store": ArtifactStoreResource(root=str(h / "artifacts")),
+        "store": ArtifactStoreResource(root=str(h / "artifacts"), url=os.environ.get("PROVENANCE_STORE_URL", "")),
         "experiments": ExperimentsResource(directory=str(Path(exp_dir).resolve()), pins=str(h / "artifacts")),
         "compute": ComputeResource(device=os.environ.get("PROVENANCE_DEVICE", "auto")),
         "duckdb": DuckDBResource(database=str(h / "warehouse.duckdb")),
     }
 
 
+def k8s_config() -> dict:
+    """dagster-k8s's executor config for PROVENANCE_EXECUTOR=k8s: every step a Kubernetes Job
+    running the run's image (DAGSTER_CURRENT_IMAGE, or PROVENANCE_K8S_IMAGE) in
+    PROVENANCE_K8S_NAMESPACE; the PROVENANCE_* settings travel with it, so steps find the shared
+    store (PROVENANCE_STORE_URL) and the specs the way this process does."""
+    config = {"job_namespace": os.environ.get("PROVENANCE_K8S_NAMESPACE", "default"),
+              "env_vars": sorted(f"{k}={v}" for k, v in os.environ.items()
+                                 if k.startswith("PROVENANCE_") and k != "PROVENANCE_CWD")}
+    if os.environ.get("PROVENANCE_K8S_MAX_CONCURRENT"):
+        config["max_concurrent"] = int(os.environ["PROVENANCE_K8S_MAX_CONCURRENT"])
+    if os.environ.get("PROVENANCE_K8S_IMAGE"):
+        config["job_image"] = os.environ["PROVENANCE_K8S_IMAGE"]
+    return config
+
+
 def executor():
     """The executor, chosen by environment alone: ``PROVENANCE_EXECUTOR`` = ``multiprocess`` (the
     default: steps in processes on this machine) or ``celery`` (steps on celery workers, on any
     machines that share the artifact store and the Dagster instance; broker and result backend from
-    ``PROVENANCE_CELERY_BROKER`` / ``PROVENANCE_CELERY_BACKEND``, default a Redis on localhost).
-    README "More than one machine" shows Kubernetes (dagster-k8s) the same way."""
+    ``PROVENANCE_CELERY_BROKER`` / ``PROVENANCE_CELERY_BACKEND``, default a Redis on localhost) or
+    ``k8s`` (each step a Kubernetes Job, dagster-k8s; README "More than one machine")."""
     kind = os.environ.get("PROVENANCE_EXECUTOR", "multiprocess")
     if kind == "multiprocess":
         return None                                   # Dagster's default for asset jobs
@@ -59,7 +74,13 @@ def executor():
         broker = os.environ.get("PROVENANCE_CELERY_BROKER", "redis://localhost:6379/0")
         return celery_executor.configured({"broker": broker,
                                            "backend": os.environ.get("PROVENANCE_CELERY_BACKEND", broker)})
-    raise ValueError(f"PROVENANCE_EXECUTOR: {kind!r} is not one of multiprocess, celery")
+    if kind == "k8s":
+        try:
+            from dagster_k8s import k8s_job_executor
+        except ImportError:
+            raise ValueError("PROVENANCE_EXECUTOR=k8s needs dagster-k8s: pip install -e '.[k8s]'") from None
+        return k8s_job_executor.configured(k8s_config())
+    raise ValueError(f"PROVENANCE_EXECUTOR: {kind!r} is not one of multiprocess, celery, k8s")
 
 
 defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[lineage_job, score_queries_job, observe_sources_job, *STUDY_JOBS],

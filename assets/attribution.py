@@ -6,9 +6,13 @@ import numpy as np
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
                      MaterializeResult, MetadataValue, asset)
 
-from assets.common import experiments_partitions, metadata
+from assets.common import code_version, experiments_partitions, metadata
 from assets.sources import source_deps
+from ops.tables import markdown
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
+
+# changes when this module or any ops/kernels module it calls changes (assets.common.code_version)
+CODE_VERSION = code_version(__name__)
 
 GROUP = "attribution"
 
@@ -16,7 +20,7 @@ GROUP = "attribution"
 @asset(deps=["checkpoints", *source_deps("spec/trak")], partitions_def=experiments_partitions, group_name=GROUP, kinds={"pytorch", "numpy"},
        check_specs=[AssetCheckSpec("features_finite", asset="gradient_features", blocking=True,
                                    description="Projected gradients and Q hold no NaN or inf.")],
-       code_version="1")
+       code_version=CODE_VERSION)
 def gradient_features(context: AssetExecutionContext, experiments: ExperimentsResource,
                       store: ArtifactStoreResource, compute: ComputeResource):
     """TRAK features: per-example margin gradients, randomly projected to k dims, per checkpoint."""
@@ -32,7 +36,7 @@ def gradient_features(context: AssetExecutionContext, experiments: ExperimentsRe
 @asset(deps=["gradient_features"], partitions_def=experiments_partitions, group_name=GROUP, kinds={"numpy"},
        check_specs=[AssetCheckSpec("scores_finite", asset="attribution_scores", blocking=True,
                                    description="TRAK score matrices hold no NaN or inf.")],
-       code_version="1")
+       code_version=CODE_VERSION)
 def attribution_scores(context: AssetExecutionContext, experiments: ExperimentsResource,
                        store: ArtifactStoreResource, compute: ComputeResource):
     """TRAK scores: targets x train and train x train, an ensemble over checkpoints, computed tile by
@@ -47,7 +51,7 @@ def attribution_scores(context: AssetExecutionContext, experiments: ExperimentsR
 
 
 @asset(deps=["model_outputs", "subset_masks", *source_deps("spec/datamodels")], partitions_def=experiments_partitions, group_name=GROUP,
-       kinds={"numpy"}, code_version="1")
+       kinds={"numpy"}, code_version=CODE_VERSION)
 def datamodel_weights(context: AssetExecutionContext, experiments: ExperimentsResource,
                       store: ArtifactStoreResource, compute: ComputeResource) -> MaterializeResult:
     """One sparse linear model per target (LASSO from masks to margins), lambda chosen on held-out models."""
@@ -63,7 +67,7 @@ def datamodel_weights(context: AssetExecutionContext, experiments: ExperimentsRe
        kinds={"numpy"},
        check_specs=[AssetCheckSpec("baseline_scores_finite", asset="baseline_attributions", blocking=True,
                                    description="The baselines' score matrices hold no NaN or inf.")],
-       code_version="1")
+       code_version=CODE_VERSION)
 def baseline_attributions(context: AssetExecutionContext, experiments: ExperimentsResource,
                           store: ArtifactStoreResource, compute: ComputeResource):
     """The registered baselines beside TRAK (ops/methods): TracIn over the saved checkpoints, and
@@ -86,7 +90,7 @@ def baseline_attributions(context: AssetExecutionContext, experiments: Experimen
                     AssetCheckSpec("lds_defined", asset="lds_evaluation",
                                    description="Every method's LDS is finite, and TRAK's rank correlation is "
                                                "defined (predictions and margins not constant) for most targets.")],
-       code_version="2")
+       code_version=CODE_VERSION)
 def lds_evaluation(context: AssetExecutionContext, experiments: ExperimentsResource,
                    store: ArtifactStoreResource):
     """Linear datamodeling score of every registered attribution method on the held-out masks, with
@@ -99,7 +103,7 @@ def lds_evaluation(context: AssetExecutionContext, experiments: ExperimentsResou
     curve = summary.pop("curve")
     png = attribution.plot_lds_curve(curve, store.get().path(key, attribution.LDS, "lds_curve.png"))
     md = metadata(summary, {"path": store.get().path(key, attribution.LDS)})
-    md["lds_curve"] = MetadataValue.md(curve.drop(columns=["experiment"]).to_markdown(index=False))
+    md["lds_curve"] = MetadataValue.md(markdown(curve, drop=("experiment",)))
     md["lds_curve_plot"] = MetadataValue.md(
         f"![LDS against number of models](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
     yield MaterializeResult(metadata=md)

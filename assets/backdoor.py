@@ -5,16 +5,20 @@ import base64
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
                      MaterializeResult, MetadataValue, asset)
 
-from assets.common import experiments_partitions, metadata
+from assets.common import code_version, experiments_partitions, metadata
 from assets.sources import source_deps
+from ops.tables import markdown
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
+
+# changes when this module or any ops/kernels module it calls changes (assets.common.code_version)
+CODE_VERSION = code_version(__name__)
 
 
 @asset(deps=["attribution_scores", "poison_truth", "checkpoints", *source_deps("spec/detector")], partitions_def=experiments_partitions,
        group_name="backdoor", kinds={"numba", "parquet"},
        check_specs=[AssetCheckSpec("detector_flagged_something", asset="backdoor_report",
                                    description="The report's first detector (strongest feature by default) flagged at least one example.")],
-       code_version="1")
+       code_version=CODE_VERSION)
 def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsResource,
                     store: ArtifactStoreResource, compute: ComputeResource):
     """The strongest-feature detector and the registered baselines on the train x train scores:
@@ -27,10 +31,11 @@ def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsReso
     summary = backdoor.backdoor_report(experiments.load(key), s, key, compute.torch_device(), context.log.info)
     table = s.load_table(key, backdoor.REPORT, "summary.parquet")
     md = metadata(summary, {"path": s.path(key, backdoor.REPORT)})
-    md["summary"] = MetadataValue.md(table.drop(columns=["experiment", "flag_rule"]).to_markdown(index=False))
+    md["summary"] = MetadataValue.md(markdown(table, drop=("experiment", "flag_rule")))
     grid = s.path(key, backdoor.REPORT, "top_flagged.png")
     md["top_flagged"] = MetadataValue.md(
-        f"Top-ranked training images of `{summary['grid_method']}` (red frame: truly poisoned)\n\n"
+        f"Top-ranked training images of `{summary['grid_method']}` with their training labels "
+        f"(red frame: truly poisoned)\n\n"
         f"![top flagged](data:image/png;base64,{base64.b64encode(grid.read_bytes()).decode()})")
     md["top_flagged_path"] = MetadataValue.path(str(grid))
     plot = backdoor.plot_scores(s.load_table(key, backdoor.REPORT, "scores.parquet"),

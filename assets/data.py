@@ -2,15 +2,18 @@
 
 from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, asset, multi_asset
 
-from assets.common import experiments_partitions, metadata
+from assets.common import code_version, experiments_partitions, metadata
 from assets.sources import source_deps
 from resources import ArtifactStoreResource, ExperimentsResource
+
+# changes when this module or any ops/kernels module it calls changes (assets.common.code_version)
+CODE_VERSION = code_version(__name__)
 
 GROUP = "data"
 
 
 @asset(deps=source_deps("dataset_source", "spec/dataset"), partitions_def=experiments_partitions, group_name=GROUP,
-       kinds={"numpy"}, code_version="1")
+       kinds={"numpy"}, code_version=CODE_VERSION)
 def raw_dataset(context: AssetExecutionContext, experiments: ExperimentsResource,
                 store: ArtifactStoreResource) -> MaterializeResult:
     """Images, labels, stable ids and the train/test split read from the spec's source."""
@@ -29,7 +32,7 @@ def raw_dataset(context: AssetExecutionContext, experiments: ExperimentsResource
                      description="The training split after the spec's attack, and the triggered test set."),
            AssetSpec("poison_truth", deps=["raw_dataset", *source_deps("spec/attack")], group_name=GROUP, kinds={"parquet"},
                      description="Which training examples were poisoned (null where unknown).")],
-    partitions_def=experiments_partitions, code_version="1")
+    partitions_def=experiments_partitions, code_version=CODE_VERSION)
 def training_set(context: AssetExecutionContext, experiments: ExperimentsResource,
                  store: ArtifactStoreResource):
     from ops import data
@@ -45,7 +48,7 @@ def training_set(context: AssetExecutionContext, experiments: ExperimentsResourc
 
 
 @asset(deps=["training_set"], partitions_def=experiments_partitions, group_name=GROUP,
-       kinds={"numpy"}, code_version="1")
+       kinds={"numpy"}, code_version=CODE_VERSION)
 def loader_files(context: AssetExecutionContext, experiments: ExperimentsResource,
                  store: ArtifactStoreResource) -> MaterializeResult:
     """Train, test and triggered-test splits in the loader file format (docs/formats.md)."""
@@ -57,7 +60,7 @@ def loader_files(context: AssetExecutionContext, experiments: ExperimentsResourc
 
 
 @asset(deps=["training_set", *source_deps("spec/subsets")], partitions_def=experiments_partitions, group_name=GROUP,
-       kinds={"numpy"}, code_version="1")
+       kinds={"numpy"}, code_version=CODE_VERSION)
 def subset_masks(context: AssetExecutionContext, experiments: ExperimentsResource,
                  store: ArtifactStoreResource) -> MaterializeResult:
     """Seeded boolean masks, each an alpha-fraction of the training set; train and held-out rows."""

@@ -9,9 +9,13 @@ from dagster import (AssetExecutionContext, AssetSelection, MaterializeResult, M
                      define_asset_job)
 from dagster_duckdb import DuckDBResource
 
-from assets.common import experiments_partitions, metadata, table_metadata
+from assets.common import code_version, experiments_partitions, metadata, table_metadata
 from assets.sources import source_deps
+from ops.tables import markdown
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
+
+# changes when this module or any ops/kernels module it calls changes (assets.common.code_version)
+CODE_VERSION = code_version(__name__)
 
 GROUP = "robustness"
 
@@ -21,7 +25,7 @@ def _png(path) -> MetadataValue:
 
 
 @asset(deps=["loader_files", *source_deps("spec/robustness")], partitions_def=experiments_partitions,
-       group_name=GROUP, kinds={"pytorch", "safetensors"}, code_version="1", output_required=False)
+       group_name=GROUP, kinds={"pytorch", "safetensors"}, code_version=CODE_VERSION, output_required=False)
 def robust_models(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,
                   compute: ComputeResource):
     """K models per training budget (standard, and PGD-AT at each ``eps_train``) on the whole
@@ -38,7 +42,7 @@ def robust_models(context: AssetExecutionContext, experiments: ExperimentsResour
 
 
 @asset(deps=["robust_models"], partitions_def=experiments_partitions, group_name=GROUP, kinds={"pytorch"},
-       code_version="1")
+       code_version=CODE_VERSION)
 def robustness_eval(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,
                     compute: ComputeResource) -> MaterializeResult:
     """Natural and robust accuracy (white-box PGD through the whole ensemble) of robust ensembles
@@ -51,15 +55,15 @@ def robustness_eval(context: AssetExecutionContext, experiments: ExperimentsReso
     table = s.load_table(key, robustness.EVAL, "robustness.parquet")
     curve = s.load_table(key, robustness.EVAL, "robustness_curve.parquet")
     md = metadata(summary, {"path": s.path(key, robustness.EVAL)})
-    md["table"] = MetadataValue.md(table.drop(columns=["experiment"]).round(4).to_markdown(index=False))
+    md["table"] = MetadataValue.md(markdown(table, drop=("experiment",), digits=4))
     md["robust_accuracy_vs_eps"] = MetadataValue.md(
-        curve.pivot(index="eps", columns="eps_train", values="robust_accuracy").round(4).to_markdown())
+        markdown(curve.pivot(on="eps_train", index="eps", values="robust_accuracy", sort_columns=True), digits=4))
     md["plot"] = _png(s.path(key, robustness.EVAL, "robustness_curve.png"))
     return MaterializeResult(metadata=md)
 
 
 @asset(deps=["robust_models"], partitions_def=experiments_partitions, group_name=GROUP, kinds={"pytorch"},
-       code_version="1")
+       code_version=CODE_VERSION)
 def neural_response(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,
                     compute: ComputeResource):
     """Attacks on a neural-response proxy (a frozen robust network with trial noise as the
@@ -77,13 +81,13 @@ def neural_response(context: AssetExecutionContext, experiments: ExperimentsReso
     summary = robustness.neural_response(spec, s, key, compute.torch_device(), context.log.info)
     table = s.load_table(key, robustness.NEURAL, "neural_attacks.parquet")
     md = metadata(summary, {"path": s.path(key, robustness.NEURAL)})
-    md["table"] = MetadataValue.md(table.drop(columns=["experiment"]).round(4).to_markdown(index=False))
+    md["table"] = MetadataValue.md(markdown(table, drop=("experiment",), digits=4))
     md["plot"] = _png(s.path(key, robustness.NEURAL, "neural_attacks.png"))
     yield Output(None, metadata=md)
 
 
 @asset(deps=["robustness_eval", "neural_response"], partitions_def=experiments_partitions, group_name=GROUP,
-       kinds={"duckdb"}, pool="duckdb", code_version="1")
+       kinds={"duckdb"}, pool="duckdb", code_version=CODE_VERSION)
 def robustness_warehouse(context: AssetExecutionContext, store: ArtifactStoreResource,
                          duckdb: DuckDBResource) -> MaterializeResult:
     """The study's tables (robustness, robustness_curve, neural_attacks) in the warehouse."""

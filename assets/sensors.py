@@ -64,7 +64,7 @@ def experiment_specs_sensor(context: SensorEvaluationContext, experiments: Exper
                             store: ArtifactStoreResource):
     from assets.sources import _graph, affected_assets, digest_cache, observations, recorded_versions
     from assets.studies import selection_for, unnamed_keys
-    from ops.spec import SPEC_TAG, pin_spec
+    from ops.spec import SPEC_TAG
     from ops.versions import versions
 
     seen = json.loads(context.cursor) if context.cursor else {}
@@ -91,7 +91,7 @@ def experiment_specs_sensor(context: SensorEvaluationContext, experiments: Exper
             cursor[name] = {**(entry or {}), "v": current, "gen": gen, "mtime": mtime}
             continue
         gen += 1
-        digest = pin_spec(spec, store.get().root)
+        digest = store.pin(spec)
         context.log.info(f"{name}: {why} -> run {name}:{digest}:{gen}")
         runs.append(RunRequest(partition_key=name, run_key=f"{name}:{digest}:{gen}", asset_selection=selection,
                                tags={SPEC_TAG: digest, EXPERIMENT_TAG: name, "provenance/reason": why[:200]}))
@@ -127,7 +127,7 @@ def stale_experiments_schedule(context: ScheduleEvaluationContext, experiments: 
 
     from assets.sources import _graph, digest_cache, record, stale_assets
     from assets.studies import unnamed_keys
-    from ops.spec import SPEC_TAG, pin_spec
+    from ops.spec import SPEC_TAG
     from ops.versions import versions
 
     valid, refused = scan_specs(experiments.directory)
@@ -144,7 +144,7 @@ def stale_experiments_schedule(context: ScheduleEvaluationContext, experiments: 
             continue
         keys = AssetSelection.assets(*[AssetKey.from_user_string(k) for k in stale]).downstream().resolve(_graph())
         keys = set(keys) - unnamed_keys(spec)
-        digest = pin_spec(spec, store.get().root)
+        digest = store.pin(spec)
         runs.append(RunRequest(partition_key=name, asset_selection=sorted(keys),
                                tags={SPEC_TAG: digest, EXPERIMENT_TAG: name,
                                      "provenance/reason": f"stale: {', '.join(stale)}"[:200]}))

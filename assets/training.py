@@ -13,9 +13,12 @@ import numpy as np
 from dagster import (AssetCheckResult, PreviewWarning, AssetCheckSeverity, AssetIn, AssetOut, DynamicOut, DynamicOutput, In, Nothing,
                      OpExecutionContext, Out, Output, asset_check, graph_multi_asset, op)
 
-from assets.common import experiments_partitions, metadata
+from assets.common import code_version, experiments_partitions, metadata
 from assets.sources import SOURCE_KEYS
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
+
+# changes when this module or any ops/kernels module it calls changes (assets.common.code_version)
+CODE_VERSION = code_version(__name__)
 
 GROUP = "training"
 
@@ -66,10 +69,10 @@ def collect_models(context: OpExecutionContext, trained: list[int], experiments:
 
 
 @graph_multi_asset(
-    outs={"checkpoints": AssetOut(group_name=GROUP, kinds={"pytorch", "safetensors"}, dagster_type=Nothing, code_version="1",
+    outs={"checkpoints": AssetOut(group_name=GROUP, kinds={"pytorch", "safetensors"}, dagster_type=Nothing, code_version=CODE_VERSION,
                                   description="Every model's weights (safetensors, one file per model and "
                                               "stacked) and the model manifest."),
-          "model_outputs": AssetOut(group_name=GROUP, kinds={"numpy"}, dagster_type=Nothing, code_version="1",
+          "model_outputs": AssetOut(group_name=GROUP, kinds={"numpy"}, dagster_type=Nothing, code_version=CODE_VERSION,
                                     description="Margin of every model on every test (and train) example.")},
     ins={"loader_files": AssetIn("loader_files", dagster_type=Nothing),
          "subset_masks": AssetIn("subset_masks", dagster_type=Nothing),
@@ -85,8 +88,8 @@ def _chance_check(context, store: ArtifactStoreResource) -> AssetCheckResult:
     table = store.get().load_table(context.partition_key, "checkpoints", "models.parquet")
     meta = store.get().load_json(context.partition_key, "training_set", "meta.json")
     chance = 1.0 / len(meta["classes"])
-    low = table[[not np.isfinite(a) or at_chance(a, chance) for a in table["accuracy"]]]   # NaN fails too
-    return AssetCheckResult(passed=bool(low.empty), severity=AssetCheckSeverity.ERROR,
+    low = [a for a in table["accuracy"].to_list() if not np.isfinite(a) or at_chance(a, chance)]   # NaN fails too
+    return AssetCheckResult(passed=not low, severity=AssetCheckSeverity.ERROR,
                             metadata={"models_at_chance": len(low), "chance": chance,
                                       "min_accuracy": float(table["accuracy"].min())})
 

@@ -5,16 +5,19 @@ from pathlib import Path
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
-from assets.common import experiments_partitions, table_metadata
+from assets.common import code_version, experiments_partitions, table_metadata
 from assets.sources import source_deps
 from resources import ArtifactStoreResource, ExperimentsResource
+
+# changes when this module or any ops/kernels module it calls changes (assets.common.code_version)
+CODE_VERSION = code_version(__name__)
 
 
 @asset(deps=["training_set", "subset_masks", "checkpoints", "model_outputs", "attribution_scores",
              "datamodel_weights", "baseline_attributions", "lds_evaluation", "backdoor_report",
              *source_deps("spec/other")],
        partitions_def=experiments_partitions, group_name="warehouse", kinds={"duckdb"}, pool="duckdb",
-       code_version="1")
+       code_version=CODE_VERSION)
 def warehouse(context: AssetExecutionContext, experiments: ExperimentsResource, store: ArtifactStoreResource,
               duckdb: DuckDBResource) -> MaterializeResult:
     """Loads this experiment's rows into every warehouse table (docs/tables.md)."""

@@ -140,12 +140,6 @@ def _plain(v):
         return [_plain(x) for x in v]
     if hasattr(v, "item"):
         v = v.item()
-    try:
-        import pandas as pd
-        if v is pd.NA:
-            return None
-    except ImportError:  # pragma: no cover
-        pass
     return v
 
 
@@ -178,8 +172,8 @@ def run_setting(name: str, attack: dict, seed: int, base: dict, home: Path,
     summary = B.backdoor_report(spec, store, exp, dev, log)
     table = store.load_table(exp, B.REPORT, "summary.parquet")
     models = store.load_table(exp, T.CKPT, "models.parquet")
-    full = models[models["role"] == "full"].iloc[0]
-    rows = table.to_dict("records")
+    full = models.filter(models["role"] == "full").row(0, named=True)
+    rows = table.to_dicts()
     # the same detector with other settings on the same matrices: what each departure from the paper changes
     labels = np.asarray(store.load_npy(exp, "training_set", "train_labels.npy"))
     truth = np.asarray(store.load_npy(exp, "training_set", "poisoned.npy")) == 1

@@ -22,8 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ops.tables import markdown  # noqa: E402
 
 BASE = {
     "seed": 0,
@@ -63,10 +67,10 @@ def run_setting(name: str, spec: dict, tmp: Path) -> dict:
                 for e in res.get_asset_materialization_events()}
     seconds = time.perf_counter() - t0
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
-        table = conn.execute("SELECT * FROM robustness WHERE experiment = ? ORDER BY scheme, eps_train, k, eps_test",
-                             [name]).df()
-        neural = conn.execute("SELECT * FROM neural_attacks WHERE experiment = ? ORDER BY surrogate, budget",
-                              [name]).df()
+        table = conn.sql("SELECT * FROM robustness WHERE experiment = ? ORDER BY scheme, eps_train, k, eps_test",
+                         params=[name]).pl()
+        neural = conn.sql("SELECT * FROM neural_attacks WHERE experiment = ? ORDER BY surrogate, budget",
+                          params=[name]).pl()
     models = meta["robust_models"]
     return {"table": table, "neural": neural, "claim": meta["robustness_eval"]["claim"].value,
             "neural_meta": {k: (v.value if hasattr(v, "value") else v) for k, v in meta["neural_response"].items()
@@ -81,11 +85,12 @@ def show(name: str, spec: dict, out: dict) -> None:
     r = spec["robustness"]
     print(f"\n== {name}: {r['norm']} ε = {r['eps']}, {spec['model']['arch']} on "
           f"{spec['dataset']['source']} ({spec['dataset'].get('limit_train')} training images), "
-          f"{len(t) and int(t['examples'].iloc[0])} attacked test images, {out['seconds']:.0f}s")
-    wide = t.pivot_table(index=["scheme", "eps_train", "k"], columns="eps_test", values="robust_accuracy")
-    wide.insert(0, "natural", t.groupby(["scheme", "eps_train", "k"])["natural_accuracy"].first())
-    wide.columns = ["natural"] + [f"robust@{c:g}" for c in wide.columns[1:]]
-    print(wide.round(3).to_string())
+          f"{len(t) and int(t['examples'][0])} attacked test images, {out['seconds']:.0f}s")
+    keys = ["scheme", "eps_train", "k"]
+    wide = t.group_by(keys, maintain_order=True).agg(pl.col("natural_accuracy").first().alias("natural")).join(
+        t.with_columns(pl.format("robust@{}", pl.col("eps_test").round(4).cast(pl.String)).alias("at"))
+        .pivot(on="at", index=keys, values="robust_accuracy"), on=keys, maintain_order="left")
+    print(markdown(wide, digits=3))
     c = out["claim"]
     print(f"claim (ensembles of small-ε models withstand larger attacks): K={c['k'][1]} vs K={c['k'][0]} at "
           f"ε_train={c['eps_train']:g}: " + ", ".join(f"ε_test {e}: {v['single']:.3f} -> {v['ensemble']:.3f}"
@@ -100,7 +105,7 @@ def show(name: str, spec: dict, out: dict) -> None:
                   f"@{e}: {r['one_large']:.3f} vs {r['ensemble_small']:.3f}" for e, r in v["robust"].items()))
     print(f"neural proxy (noise ceiling {out['neural_meta']['noise_ceiling']}, readout EV "
           f"{out['neural_meta']['readout_ev']}):")
-    print(out["neural"].drop(columns=["experiment"]).round(3).to_string(index=False))
+    print(markdown(out["neural"], drop=("experiment",), digits=3))
     cost = out["cost"]
     print(f"cost: {cost['models_per_hour_standard']:.0f} standard vs {cost['models_per_hour_adversarial']:.0f} "
           f"PGD-AT models/hour ({cost['adversarial_cost']:.1f}x)")
@@ -131,16 +136,16 @@ def main() -> None:
             out = run_setting(name, spec, Path(tmp))
         show(name, spec, out)
         case = f"{spec['dataset']['source']}-{name}"
-        for row in out["table"].itertuples():
-            tag = f"{case}/{row.scheme}/eps_train={row.eps_train:g}/k={row.k}/eps_test={row.eps_test:g}"
+        for row in out["table"].iter_rows(named=True):
+            tag = f"{case}/{row['scheme']}/eps_train={row['eps_train']:g}/k={row['k']}/eps_test={row['eps_test']:g}"
             results.append({"case": tag, "system": "provenance", "metric": "robust_accuracy",
-                            "value": float(row.robust_accuracy), "runs": 1})
+                            "value": float(row["robust_accuracy"]), "runs": 1})
             results.append({"case": tag, "system": "provenance", "metric": "natural_accuracy",
-                            "value": float(row.natural_accuracy), "runs": 1})
-        for row in out["neural"].itertuples():
-            tag = f"{case}/neural/{row.surrogate}/budget={row.budget:g}"
+                            "value": float(row["natural_accuracy"]), "runs": 1})
+        for row in out["neural"].iter_rows(named=True):
+            tag = f"{case}/neural/{row['surrogate']}/budget={row['budget']:g}"
             for m in ("brain_change", "noise_change", "self_change", "readout_ev"):
-                results.append({"case": tag, "system": "provenance", "metric": m, "value": float(getattr(row, m)),
+                results.append({"case": tag, "system": "provenance", "metric": m, "value": float(row[m]),
                                 "runs": 1})
         results.append({"case": case, "system": "provenance", "metric": "ensemble_claim_held",
                         "value": bool(out["claim"]["held"]), "runs": 1})

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from kernels.lasso import fit_datamodels
@@ -72,7 +72,7 @@ def gradient_features(spec: Spec, store: ArtifactStore, exp: str, device: torch.
             "seconds": round(seconds, 1), "examples_per_second": round(m * (n + t) / max(seconds, 1e-9), 1)}
 
 
-def _top_k(scores: np.ndarray, k: int, exp: str, method: str, target_ids, train_ids, offset: int = 0) -> pd.DataFrame:
+def _top_k(scores: np.ndarray, k: int, exp: str, method: str, target_ids, train_ids, offset: int = 0) -> pl.DataFrame:
     """Top-k most supporting training examples per target (scores: targets x train; its rows are
     targets offset, offset+1, ...)."""
     k = min(k, scores.shape[1])
@@ -82,7 +82,7 @@ def _top_k(scores: np.ndarray, k: int, exp: str, method: str, target_ids, train_
     idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
     t = scores.shape[0]
     target_index = np.repeat(np.arange(offset, offset + t), k)
-    return pd.DataFrame({"experiment": exp, "method": method, "target_index": target_index,
+    return pl.DataFrame({"experiment": exp, "method": method, "target_index": target_index,
                          "target_id": np.asarray(target_ids)[target_index], "rank": np.tile(np.arange(1, k + 1), t),
                          "train_index": idx.ravel(), "train_id": np.asarray(train_ids)[idx.ravel()],
                          "score": vals.ravel().astype(np.float64)})
@@ -120,7 +120,7 @@ def rank_table(spec: Spec, store: ArtifactStore, exp: str, scores_path, method: 
             block = f.read(r, r + rows)
             finite &= bool(np.isfinite(block).all())
             tables.append(_top_k(block, spec.trak.top_k, exp, method, meta["test_ids"], meta["train_ids"], offset=r))
-    store.save_table(exp, asset, name, pd.concat(tables, ignore_index=True))
+    store.save_table(exp, asset, name, pl.concat(tables))
     return finite
 
 
@@ -292,7 +292,7 @@ def datamodel_weights(spec: Spec, store: ArtifactStore, exp: str, log: Log, devi
     meta = store.load_json(exp, "training_set", "meta.json")
     w = res.weight
     nz_train, nz_target = np.nonzero(w)
-    store.save_table(exp, DM, "weights.parquet", pd.DataFrame({
+    store.save_table(exp, DM, "weights.parquet", pl.DataFrame({
         "experiment": exp, "target_index": nz_target, "target_id": np.asarray(meta["test_ids"])[nz_target],
         "train_index": nz_train, "train_id": np.asarray(meta["train_ids"])[nz_train],
         "weight": w[nz_train, nz_target].astype(np.float64)}))
@@ -343,13 +343,13 @@ def lds_evaluation(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
         value, low, high, rho = lds_bootstrap(pred, actual, n_boot=spec.lds.bootstrap, seed=spec.seed)
         rows.append({"experiment": exp, "method": name, "lds": value, "ci95_low": low, "ci95_high": high,
                      "n_heldout": len(held), "n_targets": actual.shape[1]})
-        per_target.append(pd.DataFrame({"experiment": exp, "method": name,
+        per_target.append(pl.DataFrame({"experiment": exp, "method": name,
                                         "target_index": np.arange(len(rho)), "spearman": rho}))
         log(f"LDS {name}: {value:.3f} [{low:.3f}, {high:.3f}] over {actual.shape[1]} targets, "
             f"{len(held)} held-out models")
     curve = lds_curve(spec, store, exp, x, actual, log)
-    store.save_table(exp, LDS, "lds.parquet", pd.DataFrame(rows))
-    store.save_table(exp, LDS, "lds_per_target.parquet", pd.concat(per_target, ignore_index=True))
+    store.save_table(exp, LDS, "lds.parquet", pl.DataFrame(rows))
+    store.save_table(exp, LDS, "lds_per_target.parquet", pl.concat(per_target))
     store.save_table(exp, LDS, "lds_curve.parquet", curve)
     return {"n_heldout": len(held), **{f"lds_{r['method']}": round(r["lds"], 4) for r in rows},
             "undefined_targets": undefined, "curve": curve}
@@ -359,7 +359,7 @@ def _curve_sizes(total: int) -> list[int]:
     return sorted({m for m in (1, 2, 5, 10, 20, 50, 100, 200, 500) if m < total} | {total})
 
 
-def lds_curve(spec: Spec, store: ArtifactStore, exp: str, x: np.ndarray, actual: np.ndarray, log: Log) -> pd.DataFrame:
+def lds_curve(spec: Spec, store: ArtifactStore, exp: str, x: np.ndarray, actual: np.ndarray, log: Log) -> pl.DataFrame:
     """LDS against the number of models: TRAK with its first m checkpoints (the stored features,
     rescored), datamodels refitted on the first m of its fitting models (λ still chosen on its
     validation models)."""
@@ -393,21 +393,21 @@ def lds_curve(spec: Spec, store: ArtifactStore, exp: str, x: np.ndarray, actual:
         value, low, high, _ = lds_bootstrap(x @ w + b, actual, n_boot=spec.lds.bootstrap, seed=spec.seed)
         rows.append({"experiment": exp, "method": "datamodels", "num_models": m, "lds": value, "ci95_low": low,
                      "ci95_high": high})
-    table = pd.DataFrame(rows)
+    table = pl.DataFrame(rows)
     for r in rows:
         log(f"LDS {r['method']} with {r['num_models']} models: {r['lds']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]")
     return table
 
 
-def plot_lds_curve(curve: pd.DataFrame, dest) -> "Path":
+def plot_lds_curve(curve: pl.DataFrame, dest) -> "Path":
     """LDS (with its bootstrap interval) against the number of models, one line per method, as PNG."""
     from ops.plots import figure, save
 
     fig, ax = figure()
-    for method, g in curve.groupby("method"):
-        g = g.sort_values("num_models")
-        ax.plot(g["num_models"], g["lds"], marker="o", label=method)
-        ax.fill_between(g["num_models"], g["ci95_low"], g["ci95_high"], alpha=0.2)
+    for (method,), g in curve.group_by("method", maintain_order=True):
+        g = g.sort("num_models")
+        ax.plot(g["num_models"].to_numpy(), g["lds"].to_numpy(), marker="o", label=method)
+        ax.fill_between(g["num_models"].to_numpy(), g["ci95_low"].to_numpy(), g["ci95_high"].to_numpy(), alpha=0.2)
     ax.set_xscale("log")
     ax.set_xlabel("models")
     ax.set_ylabel("LDS")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from kernels.stats import detection_metrics
@@ -75,26 +75,36 @@ def retrain_without(spec: Spec, inp: Inputs, drop: np.ndarray, target) -> tuple[
 
 
 def top_grid(images: np.ndarray, order: np.ndarray, truth: np.ndarray | None, count: int = 32,
-             cols: int = 8, scale: int = 3) -> bytes:
-    """PNG of the ``count`` highest-ranked training images, a red frame around true poisons."""
+             cols: int = 8, scale: int = 3, captions: list[str] | None = None) -> bytes:
+    """PNG of the ``count`` highest-ranked training images, a red frame around true poisons and,
+    under each, its caption (``captions[i]``: rank and training label)."""
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     idx = order[:count]
     h, w, c = images.shape[1:]
+    pad, text_h = 2, 12 if captions is not None else 0
+    cw, ch = (w + 2 * pad) * scale, (h + 2 * pad) * scale + text_h
+    cw = max(cw, 56 if captions is not None else cw)          # room for a short caption
     rows = (len(idx) + cols - 1) // cols
-    pad = 2
-    canvas = np.full((rows * (h + 2 * pad), cols * (w + 2 * pad), 3), 255, np.uint8)
+    canvas = Image.new("RGB", (cols * cw, rows * ch), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
     for t, i in enumerate(idx):
         r, col = divmod(t, cols)
-        y, x = r * (h + 2 * pad), col * (w + 2 * pad)
+        x, y = col * cw, r * ch
+        cell = np.full((h + 2 * pad, w + 2 * pad, 3), 255, np.uint8)
         if truth is not None and truth[i]:
-            canvas[y:y + h + 2 * pad, x:x + w + 2 * pad] = (220, 30, 30)
+            cell[:] = (220, 30, 30)
         img = images[i]
-        canvas[y + pad:y + pad + h, x + pad:x + pad + w] = img if c == 3 else np.repeat(img, 3, axis=2)
+        cell[pad:pad + h, pad:pad + w] = img if c == 3 else np.repeat(img, 3, axis=2)
+        tile = Image.fromarray(cell).resize(((w + 2 * pad) * scale, (h + 2 * pad) * scale), Image.NEAREST)
+        canvas.paste(tile, (x + (cw - tile.width) // 2, y))
+        if captions is not None:
+            draw.text((x + 2, y + tile.height), f"{t + 1}. {captions[i]}", fill=(0, 0, 0), font=font)
     buf = io.BytesIO()
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(buf, "PNG")
+    canvas.save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -134,10 +144,10 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
         order = np.argsort(-scores, kind="stable")
         rank = np.empty(n, np.int64)
         rank[order] = np.arange(1, n + 1)
-        rows.append(pd.DataFrame({
+        rows.append(pl.DataFrame({
             "experiment": exp, "method": method, "train_index": np.arange(n), "example_id": meta["train_ids"],
             "score": scores, "rank": rank, "flagged": flags,
-            "poisoned": pd.array(truth if has_truth else [None] * n, dtype="boolean")}))
+            "poisoned": pl.Series(truth.tolist() if has_truth else [None] * n, dtype=pl.Boolean)}))
         if has_truth and truth.any():
             m = detection_metrics(scores, flags, truth)
         else:
@@ -172,17 +182,17 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
     if not detections:
         raise ValueError(f"detector.methods: every detector failed on this data ({failed})")
     first = next(m for m in d.methods if m in detections)
+    names = [str(c) for c in meta["classes"]]
     grid = top_grid(images, np.argsort(-np.asarray(detections[first].scores), kind="stable"),
-                    truth if has_truth else None)
+                    truth if has_truth else None, captions=[names[int(v)] for v in labels])
     with store.atomic(exp, REPORT, "top_flagged.png") as tmp:
         tmp.write_bytes(grid)
-    store.save_table(exp, REPORT, "scores.parquet", pd.concat(rows, ignore_index=True))
-    summary_df = pd.DataFrame(summary)
-    for col in ("n_poisoned", "n_flagged"):
-        summary_df[col] = summary_df[col].astype("Int64")
-    for col in (*METRICS, "retrain_accuracy", "retrain_attack_success_rate", "reference_accuracy",
-                "reference_attack_success_rate"):
-        summary_df[col] = summary_df[col].astype("float64")
+    store.save_table(exp, REPORT, "scores.parquet", pl.concat(rows))
+    floats = (*METRICS, "retrain_accuracy", "retrain_attack_success_rate", "reference_accuracy",
+              "reference_attack_success_rate")
+    summary_df = pl.DataFrame(summary, schema_overrides={"n_poisoned": pl.Int64, "n_flagged": pl.Int64,
+                                                         **{c: pl.Float64 for c in floats}},
+                              infer_schema_length=None)
     store.save_table(exp, REPORT, "summary.parquet", summary_df)
     main = summary[0]
     return {"truth_known": has_truth, "flagged": int(main["n_flagged"]), "grid_method": first,
@@ -193,28 +203,29 @@ def backdoor_report(spec: Spec, store: ArtifactStore, exp: str, device: torch.de
             "failed_detectors": failed}
 
 
-def plot_scores(scores: pd.DataFrame, dest, method: str | None = None) -> Path:
+def plot_scores(scores: pl.DataFrame, dest, method: str | None = None) -> Path:
     """The first detector's score histogram (poisoned and clean apart where the truth is known, its
     lowest flagged score marked) and every detector's ROC curve against the truth, as one PNG."""
     from sklearn.metrics import roc_curve
 
     from ops.plots import figure, save
 
-    methods = list(dict.fromkeys(scores["method"]))
+    methods = list(dict.fromkeys(scores["method"].to_list()))
     if method in methods:
         methods.remove(method)
         methods.insert(0, method)
-    first = scores[scores["method"] == methods[0]]
-    known = scores["poisoned"].notna().all() and 0 < scores["poisoned"].astype(bool).mean() < 1
+    first = scores.filter(pl.col("method") == methods[0])
+    known = scores["poisoned"].null_count() == 0 and 0 < scores["poisoned"].mean() < 1
+    score = first["score"].to_numpy()
     fig, axes = figure((9, 3.3) if known else (4.6, 3.3), ncols=2 if known else 1)
     ax = axes[0] if known else axes
     if known:
-        truth = first["poisoned"].astype(bool)
-        ax.hist([first["score"][~truth], first["score"][truth]], bins=40, stacked=True,
+        truth = first["poisoned"].to_numpy().astype(bool)
+        ax.hist([score[~truth], score[truth]], bins=40, stacked=True,
                 label=["clean", "poisoned"], color=["#8aa", "#d33"])
     else:
-        ax.hist(first["score"], bins=40, color="#8aa")
-    flagged = first["score"][first["flagged"].astype(bool)]
+        ax.hist(score, bins=40, color="#8aa")
+    flagged = score[first["flagged"].to_numpy().astype(bool)]
     if len(flagged):
         ax.axvline(flagged.min(), color="k", ls="--", lw=1, label=f"flagged ({len(flagged)})")
     ax.set_yscale("log")
@@ -224,8 +235,8 @@ def plot_scores(scores: pd.DataFrame, dest, method: str | None = None) -> Path:
     if known:
         ax = axes[1]
         for m in methods:
-            g = scores[scores["method"] == m]
-            fpr, tpr, _ = roc_curve(g["poisoned"].astype(bool), g["score"])
+            g = scores.filter(pl.col("method") == m)
+            fpr, tpr, _ = roc_curve(g["poisoned"].to_numpy().astype(bool), g["score"].to_numpy())
             ax.plot(fpr, tpr, label=m)
         ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
         ax.set_xlabel("false positive rate")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pandas as pd
+import polars as pl
 
 from kernels.loader import LoaderFile, write_loader_file
 from ops.attacks import build_training_set
@@ -49,23 +49,24 @@ def training_set(spec: Spec, store: ArtifactStore, exp: str) -> dict:
         "mapping": spec.attack.mapping, "train_ids": ts.train_ids.tolist(),
         "test_ids": ts.test_ids.tolist(), "triggered_ids": ts.triggered_ids.tolist()})
     known = ts.poisoned >= 0
-    truth = pd.DataFrame({
+    truth = pl.DataFrame({
         "experiment": exp, "example_id": ts.train_ids, "train_index": np.arange(len(ts.train_ids)),
         "label": ts.train_labels, "original_label": ts.original_labels,
-        "poisoned": pd.array(np.where(known, ts.poisoned == 1, None), dtype="boolean")})
+        "poisoned": pl.Series(np.where(known, ts.poisoned == 1, None).tolist(), dtype=pl.Boolean)})
     store.save_table(exp, TRAIN, "poison_truth.parquet", truth)
-    examples = pd.concat([
-        truth.drop(columns=["train_index"]).assign(split="train", split_index=np.arange(len(truth))),
-        pd.DataFrame({"experiment": exp, "example_id": ts.test_ids, "label": ts.test_labels,
-                      "original_label": ts.test_labels, "poisoned": pd.array([False] * len(ts.test_ids),
-                                                                             dtype="boolean"),
-                      "split": "test", "split_index": np.arange(len(ts.test_ids))}),
-        pd.DataFrame({"experiment": exp, "example_id": ts.triggered_ids, "label": ts.triggered_labels,
+    cols = ["experiment", "example_id", "split", "split_index", "label", "original_label", "poisoned"]
+    examples = pl.concat([
+        truth.drop("train_index").with_columns(split=pl.lit("train"),
+                                               split_index=pl.Series(np.arange(len(ts.train_ids)))).select(cols),
+        pl.DataFrame({"experiment": exp, "example_id": ts.test_ids, "split": "test",
+                      "split_index": np.arange(len(ts.test_ids)), "label": ts.test_labels,
+                      "original_label": ts.test_labels,
+                      "poisoned": pl.Series([False] * len(ts.test_ids), dtype=pl.Boolean)}),
+        pl.DataFrame({"experiment": exp, "example_id": ts.triggered_ids, "split": "test_triggered",
+                      "split_index": np.arange(len(ts.triggered_ids)), "label": ts.triggered_labels,
                       "original_label": ts.triggered_labels,
-                      "poisoned": pd.array([True] * len(ts.triggered_ids), dtype="boolean"),
-                      "split": "test_triggered", "split_index": np.arange(len(ts.triggered_ids))}),
-    ], ignore_index=True)[["experiment", "example_id", "split", "split_index", "label", "original_label",
-                           "poisoned"]]
+                      "poisoned": pl.Series([True] * len(ts.triggered_ids), dtype=pl.Boolean)}),
+    ], how="vertical_relaxed")
     store.save_table(exp, TRAIN, "examples.parquet", examples)
     n_known = int(known.sum())
     return {"train": len(ts.train_labels), "poisoned": int((ts.poisoned == 1).sum()),
@@ -129,7 +130,7 @@ def subset_masks(spec: Spec, store: ArtifactStore, exp: str) -> dict:
     for i in range(m + h):
         masks[i, rng.choice(n, size=k, replace=False)] = True
     store.save_npy(exp, MASKS, "masks.npy", masks)
-    table = pd.DataFrame({"experiment": exp, "mask_index": np.arange(m + h),
+    table = pl.DataFrame({"experiment": exp, "mask_index": np.arange(m + h),
                           "role": ["train"] * m + ["heldout"] * h, "size": k})
     store.save_table(exp, MASKS, "masks.parquet", table)
     return {"train_masks": m, "heldout_masks": h, "subset_size": k, "n": n}

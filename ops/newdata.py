@@ -23,11 +23,12 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from ops.sources import IMAGE_SUFFIXES
@@ -194,19 +195,20 @@ def score_queries(spec: Spec, store: ArtifactStore, exp: str, q: Queries, device
                 scores = s.read(0, len(y))
         finite &= bool(np.isfinite(scores).all())
         tops.append(_top_k(scores, spec.trak.top_k, exp, name, q.ids, train_ids))
-    top = pd.concat(tops, ignore_index=True)
-    top.insert(1, "batch", q.batch)
-    top["source_file"] = np.asarray(q.files)[top["target_index"].to_numpy()]
-    top = top.rename(columns={"target_index": "query_index", "target_id": "query_id"})
+    top = pl.concat(tops)
+    top = top.with_columns(batch=pl.lit(q.batch),
+                           source_file=pl.Series(np.asarray(q.files)[top["target_index"].to_numpy()]))
+    top = top.rename({"target_index": "query_index", "target_id": "query_id"})
+    top = top.select("experiment", "batch", *[c for c in top.columns if c not in ("experiment", "batch")])
     classes = [str(c) for c in store.load_json(exp, "training_set", "meta.json")["classes"]]
-    rows = pd.DataFrame({"experiment": exp, "batch": q.batch, "query_index": np.arange(len(y)), "query_id": q.ids,
+    rows = pl.DataFrame({"experiment": exp, "batch": q.batch, "query_index": np.arange(len(y)), "query_id": q.ids,
                          "source_file": q.files, "label": y.cpu().numpy().astype(np.int64),
                          "class_name": [classes[int(v)] for v in y.cpu().numpy()],
                          "label_source": np.where(q.labels >= 0, "given", "predicted"),
                          "predicted": logits_full.argmax(1).cpu().numpy().astype(np.int64),
                          "margin_full": margins[-1].astype(np.float64),
                          "margin_mean": margins.mean(0).astype(np.float64),
-                         "scored_at": pd.Timestamp.now(tz="UTC").tz_localize(None)})
+                         "scored_at": datetime.now(timezone.utc).replace(tzinfo=None)})
     store.save_npy(exp, QUERIES, f"{q.batch}/margins.npy", margins)
     store.save_table(exp, QUERIES, f"{q.batch}/queries.parquet", rows)
     store.save_table(exp, QUERIES, f"{q.batch}/top_attributions.parquet", top)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 from torch import nn
 
@@ -208,9 +208,9 @@ def robustness_eval(spec: Spec, store: ArtifactStore, exp: str, device, log: Log
                 for t in r.eps_test:
                     rows.append((scheme, f * r.eps, 2, t * r.eps, nat, robust(fused, t)))
                 log(f"{scheme} eps_train {f:g}·ε: natural {nat:.3f} ({time.perf_counter() - t0:.0f}s)")
-    table = pd.DataFrame(rows, columns=["scheme", "eps_train", "k", "eps_test", "natural_accuracy", "robust_accuracy"])
-    table.insert(0, "experiment", exp)
-    table["examples"] = len(y)
+    table = pl.DataFrame(rows, schema=["scheme", "eps_train", "k", "eps_test", "natural_accuracy",
+                                       "robust_accuracy"], orient="row", infer_schema_length=None)
+    table = table.select(pl.lit(exp).alias("experiment"), pl.all(), pl.lit(len(y)).alias("examples"))
     # robust accuracy against ε, single models
     grid = sorted({0.0, 0.25, 0.5, 1.0, 1.5, 2.0} | set(r.eps_test))
     curve = []
@@ -220,7 +220,7 @@ def robustness_eval(spec: Spec, store: ArtifactStore, exp: str, device, log: Log
                 models[0], x, y, _threat(spec, e, data.norm, steps=r.eval_steps), restarts=1,
                 seed=spec.seed).float().mean())
             curve.append((exp, f * r.eps, e * r.eps, acc))
-    curve = pd.DataFrame(curve, columns=["experiment", "eps_train", "eps", "robust_accuracy"])
+    curve = pl.DataFrame(curve, schema=["experiment", "eps_train", "eps", "robust_accuracy"], orient="row", infer_schema_length=None)
     store.save_table(exp, EVAL, "robustness.parquet", table)
     store.save_table(exp, EVAL, "robustness_curve.parquet", curve)
     claim = ensemble_claim(table, r)
@@ -229,12 +229,12 @@ def robustness_eval(spec: Spec, store: ArtifactStore, exp: str, device, log: Log
     return {"examples": len(y), "rows": len(table), "claim": claim, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def ensemble_claim(table: pd.DataFrame, r) -> dict:
+def ensemble_claim(table: pl.DataFrame, r) -> dict:
     """The paper's claim, checked: an ensemble of the largest size trained at the smallest ε_train is
     more robust than one such model at every ε_test above that ε_train (larger attacks than it was
     trained for).  Returns the comparison and whether it held."""
-    e = table[table["scheme"] == "ensemble"]
-    small = e["eps_train"][e["eps_train"] > 0].min()
+    e = table.filter(pl.col("scheme") == "ensemble")
+    small = e.filter(pl.col("eps_train") > 0)["eps_train"].min()
     kmax, kmin = e["k"].max(), e["k"].min()
     out = {"eps_train": float(small), "k": [int(kmin), int(kmax)], "by_eps_test": {}}
     if kmax == kmin:
@@ -242,10 +242,13 @@ def ensemble_claim(table: pd.DataFrame, r) -> dict:
         out["why"] = "only one ensemble size"
         return out
     held, beyond = [], []
-    n = int(e["examples"].iloc[0]) if "examples" in e else 0
-    for t, g in e[e["eps_train"] == small].groupby("eps_test"):
-        one = float(g[g["k"] == kmin]["robust_accuracy"].iloc[0])
-        many = float(g[g["k"] == kmax]["robust_accuracy"].iloc[0])
+    n = int(e["examples"][0]) if "examples" in e.columns else 0
+
+    def acc(frame, k, col="robust_accuracy"):
+        return float(frame.filter(pl.col("k") == k)[col][0])
+
+    for (t,), g in e.filter(pl.col("eps_train") == small).group_by("eps_test", maintain_order=True):
+        one, many = acc(g, kmin), acc(g, kmax)
         # two standard errors of the difference as if the two were independent samples of n
         # examples (they are the same examples, so this overstates the noise: a conservative bar)
         bar = 2 * np.sqrt((one * (1 - one) + many * (1 - many)) / max(n, 1))
@@ -254,32 +257,33 @@ def ensemble_claim(table: pd.DataFrame, r) -> dict:
         if t > small:
             held.append(many > one)
             beyond.append(many - one > bar)
-    nat = e[(e["eps_train"] == small)].groupby("k")["natural_accuracy"].first()
-    out["natural"] = {"single": float(nat[kmin]), "ensemble": float(nat[kmax])}
+    at_small = e.filter(pl.col("eps_train") == small)
+    out["natural"] = {"single": acc(at_small, kmin, "natural_accuracy"),
+                      "ensemble": acc(at_small, kmax, "natural_accuracy")}
     out["held"] = bool(held) and all(held)
     out["beyond_noise"] = bool(beyond) and all(beyond)
     # and against one model trained at the largest budget: the trade the paper proposes (as robust,
     # more accurate on clean data?)
     large = e["eps_train"].max()
     if large > small:
-        one_large = e[(e["eps_train"] == large) & (e["k"] == kmin)].set_index("eps_test")
-        many_small = e[(e["eps_train"] == small) & (e["k"] == kmax)].set_index("eps_test")
+        one_large = e.filter((pl.col("eps_train") == large) & (pl.col("k") == kmin))
+        many_small = e.filter((pl.col("eps_train") == small) & (pl.col("k") == kmax))
+        at = lambda frame, t: float(frame.filter(pl.col("eps_test") == t)["robust_accuracy"][0])  # noqa: E731
         out["vs_one_large_eps_model"] = {
             "eps_train_large": float(large),
-            "natural": {"one_large": float(one_large["natural_accuracy"].iloc[0]),
-                        "ensemble_small": float(many_small["natural_accuracy"].iloc[0])},
-            "robust": {f"{t:g}": {"one_large": float(one_large.loc[t, "robust_accuracy"]),
-                                  "ensemble_small": float(many_small.loc[t, "robust_accuracy"])}
-                       for t in one_large.index}}
+            "natural": {"one_large": float(one_large["natural_accuracy"][0]),
+                        "ensemble_small": float(many_small["natural_accuracy"][0])},
+            "robust": {f"{t:g}": {"one_large": at(one_large, t), "ensemble_small": at(many_small, t)}
+                       for t in one_large["eps_test"].to_list()}}
     return out
 
 
-def plot_curve(curve: pd.DataFrame, dest) -> Path:
+def plot_curve(curve: pl.DataFrame, dest) -> Path:
     from ops.plots import figure, save
 
     fig, ax = figure()
-    for f, g in curve.groupby("eps_train"):
-        ax.plot(g["eps"], g["robust_accuracy"], marker="o", label="standard" if f == 0 else f"PGD-AT ε={f:g}")
+    for (f,), g in curve.group_by("eps_train", maintain_order=True):
+        ax.plot(g["eps"].to_numpy(), g["robust_accuracy"].to_numpy(), marker="o", label="standard" if f == 0 else f"PGD-AT ε={f:g}")
     ax.set_xlabel("attack budget ε")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(0, 1)
@@ -367,13 +371,14 @@ def neural_response(spec: Spec, store: ArtifactStore, exp: str, device, log: Log
                              rms(readout(adv) - base_pred, sd), rms(teacher_sites(adv) - base_brain, sd),
                              rms(teacher_sites(noise) - base_brain, sd), rms(own(self_adv) - base_own, own_sd)))
             log(f"{name} surrogate, l2 budget {budget:g}: brain change {rows[-1][5]:.3f} vs noise {rows[-1][6]:.3f}")
-    table = pd.DataFrame(rows, columns=["experiment", "surrogate", "budget", "readout_ev", "predicted_change",
-                                        "brain_change", "noise_change", "self_change"])
+    table = pl.DataFrame(rows, schema=["experiment", "surrogate", "budget", "readout_ev", "predicted_change",
+                                       "brain_change", "noise_change", "self_change"], orient="row", infer_schema_length=None)
     store.save_table(exp, NEURAL, "neural_attacks.parquet", table)
     plot_neural(table, store.path(exp, NEURAL, "neural_attacks.png"))
     return {"sites": len(sites), "images": len(rec), "repeats": nr.repeats, "attack_images": len(ta),
             "noise_ceiling": round(ceiling, 3),
-            "readout_ev": {n: round(float(g["readout_ev"].iloc[0]), 3) for n, g in table.groupby("surrogate")}}
+            "readout_ev": {n: round(float(g["readout_ev"][0]), 3)
+                           for (n,), g in table.group_by("surrogate", maintain_order=True)}}
 
 
 def _noise_like(x: torch.Tensor, threat: Threat, seed: int) -> torch.Tensor:
@@ -387,15 +392,16 @@ def _noise_like(x: torch.Tensor, threat: Threat, seed: int) -> torch.Tensor:
     return from_pixels(p + project(d, p, threat, 1), threat)
 
 
-def plot_neural(table: pd.DataFrame, dest) -> Path:
+def plot_neural(table: pl.DataFrame, dest) -> Path:
     from ops.plots import figure, save
 
     fig, ax = figure((5.4, 3.4))
-    for name, g in table.groupby("surrogate"):
-        ax.plot(g["budget"], g["brain_change"], marker="o", label=f"brain, attack via {name} surrogate")
-        ax.plot(g["budget"], g["self_change"], ls="--", label=f"{name} network's own units")
-    g = table[table["surrogate"] == table["surrogate"].iloc[0]]
-    ax.plot(g["budget"], g["noise_change"], color="gray", ls=":", label="brain, random noise")
+    for (name,), g in table.group_by("surrogate", maintain_order=True):
+        ax.plot(g["budget"].to_numpy(), g["brain_change"].to_numpy(), marker="o",
+                label=f"brain, attack via {name} surrogate")
+        ax.plot(g["budget"].to_numpy(), g["self_change"].to_numpy(), ls="--", label=f"{name} network's own units")
+    g = table.filter(pl.col("surrogate") == table["surrogate"][0])
+    ax.plot(g["budget"].to_numpy(), g["noise_change"].to_numpy(), color="gray", ls=":", label="brain, random noise")
     ax.set_xlabel("ℓ2 budget (pixels)")
     ax.set_ylabel("response change (site sd)")
     ax.grid(alpha=0.3)

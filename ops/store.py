@@ -77,19 +77,22 @@ class ArtifactStore:
 
     # tables
     def save_table(self, experiment: str, asset: str, name: str, table) -> Path:
+        """Write a polars DataFrame (or a pyarrow Table) to Parquet with pyarrow, atomically."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not isinstance(table, pa.Table):
-            table = pa.Table.from_pandas(table, preserve_index=False)
+            table = table.to_arrow()
         with self.atomic(experiment, asset, name) as tmp:
             pq.write_table(table, tmp)
         return self.path(experiment, asset, name)
 
     def load_table(self, experiment: str, asset: str, name: str):
+        """A stored table as a polars DataFrame (read through Arrow)."""
+        import polars as pl
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.require(experiment, asset, name)).to_pandas()
+        return pl.from_arrow(pq.read_table(self.require(experiment, asset, name)))
 
     # json
     def save_json(self, experiment: str, asset: str, name: str, obj) -> Path:

@@ -9,7 +9,7 @@ from functools import partial
 from typing import Callable
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from kernels.dataloader import Loader
@@ -329,12 +329,11 @@ def collect_models(spec: Spec, store: ArtifactStore, exp: str, log: Log) -> dict
                             {"arch": spec.model.arch, "hidden": spec.model.hidden, "epoch": e, "models": len(jobs)})
     store.save_npy(exp, "model_outputs", "margins_test.npy", margins_test)
     store.save_npy(exp, "model_outputs", "margins_train.npy", margins_train)
-    table = pd.DataFrame(rows)
-    table["mask_index"] = table["mask_index"].astype("Int64")
+    table = pl.DataFrame(rows, schema_overrides={"mask_index": pl.Int64}, infer_schema_length=None)
     store.save_table(exp, CKPT, "models.parquet", table)
-    acc = table.loc[table["role"] != "full", "accuracy"]
+    acc = table.filter(pl.col("role") != "full")["accuracy"]
     n_cls = int(metas["num_classes"])
-    full = table[table["role"] == "full"].iloc[0]
+    full = table.filter(pl.col("role") == "full").row(0, named=True)
     log(f"collected {len(jobs)} models")
     return {"models": len(jobs), "mean_subset_accuracy": float(acc.mean()),
             "min_subset_accuracy": float(acc.min()), "full_accuracy": float(full["accuracy"]),

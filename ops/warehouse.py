@@ -16,11 +16,12 @@ import fcntl
 import os
 import shutil
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pandas as pd
+import polars as pl
 
 from ops.store import ArtifactStore
 
@@ -156,17 +157,17 @@ def create_tables(conn) -> None:
 def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int]:
     """Replace every table's rows for ``exp`` with the artifacts' rows. Returns row counts."""
     margins = np.asarray(store.load_npy(exp, "model_outputs", "margins_test.npy"))
-    outputs = pd.DataFrame({"experiment": exp, "model_id": np.repeat(np.arange(margins.shape[0]), margins.shape[1]),
+    outputs = pl.DataFrame({"experiment": exp, "model_id": np.repeat(np.arange(margins.shape[0]), margins.shape[1]),
                             "target_index": np.tile(np.arange(margins.shape[1]), margins.shape[0]),
                             "margin": margins.ravel().astype(np.float64)})
     examples = store.load_table(exp, "training_set", "examples.parquet")
     meta = store.load_json(exp, "training_set", "meta.json")
-    experiments = pd.DataFrame([{
+    experiments = pl.DataFrame([{
         "experiment": exp, "spec_digest": spec.digest(), "spec_json": spec.model_dump_json(),
         "source": spec.dataset.source, "attack": spec.attack.kind,
         "n_train": int((examples["split"] == "train").sum()), "n_test": int((examples["split"] == "test").sum()),
-        "loaded_at": pd.Timestamp.now(tz="UTC").tz_localize(None)}])
-    classes = pd.DataFrame({"experiment": exp, "label": np.arange(len(meta["classes"]), dtype=np.int64),
+        "loaded_at": datetime.now(timezone.utc).replace(tzinfo=None)}])
+    classes = pl.DataFrame({"experiment": exp, "label": np.arange(len(meta["classes"]), dtype=np.int64),
                             "class_name": [str(c) for c in meta["classes"]]})
     from ops.methods import METHODS, Context
 
@@ -181,10 +182,8 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
             if table in paths:
                 conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [paths[table]])
             else:
-                conn.register("incoming", {"experiments": experiments, "model_outputs": outputs,
-                                           "classes": classes}[table])
-                conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
-                conn.unregister("incoming")
+                _insert(conn, table, {"experiments": experiments, "model_outputs": outputs,
+                                      "classes": classes}[table])
             counts[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE experiment = ?", [exp]).fetchone()[0]
     return counts
 
@@ -192,7 +191,17 @@ def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int
 QUERY_TABLES = ("queries", "query_attributions")
 
 
-def load_query_batch(conn, exp: str, batch: str, queries: pd.DataFrame, top: pd.DataFrame) -> dict[str, int]:
+def _insert(conn, table: str, df: pl.DataFrame) -> None:
+    """Append a polars DataFrame's rows to ``table`` by column name; DuckDB scans its Arrow
+    buffers in place (``to_arrow`` shares them), no copy through pandas or Python rows."""
+    conn.register("incoming", df.to_arrow())
+    try:
+        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+    finally:
+        conn.unregister("incoming")
+
+
+def load_query_batch(conn, exp: str, batch: str, queries: pl.DataFrame, top: pl.DataFrame) -> dict[str, int]:
     """Add one batch of scored query examples (ops/newdata.py): its rows replace that batch's
     earlier rows, if any; every other row -- the experiment's own targets, other batches -- is
     untouched."""
@@ -201,9 +210,7 @@ def load_query_batch(conn, exp: str, batch: str, queries: pd.DataFrame, top: pd.
     with _transaction(conn):
         for table, df in (("queries", queries), ("query_attributions", top)):
             conn.execute(f"DELETE FROM {table} WHERE experiment = ? AND batch = ?", [exp, batch])
-            conn.register("incoming", df)
-            conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
-            conn.unregister("incoming")
+            _insert(conn, table, df)
             counts[table] = len(df)
     return counts
 
@@ -217,9 +224,7 @@ def load_study_tables(conn, exp: str, schemas: dict[str, str], frames: dict) -> 
     with _transaction(conn):
         for name, df in frames.items():
             conn.execute(f"DELETE FROM {name} WHERE experiment = ?", [exp])
-            conn.register("incoming", df)
-            conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM incoming")
-            conn.unregister("incoming")
+            _insert(conn, name, df)
             counts[name] = len(df)
     return counts
 

@@ -16,12 +16,59 @@ from ops.store import ArtifactStore
 
 
 class ArtifactStoreResource(ConfigurableResource):
-    """Root folder of the artifact store: ``<root>/<experiment>/<asset>/...``."""
+    """Root folder of the artifact store: ``<root>/<experiment>/<asset>/...``.
+
+    With ``url`` (an fsspec URL, from ``PROVENANCE_STORE_URL``) the root is this machine's working
+    copy of a shared store (ops/mirror.py): a step pulls its experiment's changed files before it
+    runs and pushes what it wrote afterwards, so steps may run on different machines."""
 
     root: str
+    url: str = ""
+    _mirror = PrivateAttr(default=None)
+    _experiment = PrivateAttr(default=None)
+    _before = PrivateAttr(default=None)
 
     def get(self) -> ArtifactStore:
         return ArtifactStore(self.root)
+
+    def mirror(self):
+        from ops.mirror import StoreMirror
+
+        if self.url and self._mirror is None:
+            self._mirror = StoreMirror(self.url, self.root)
+        return self._mirror
+
+    def _prefixes(self, name: str) -> tuple[str, str]:
+        return f"{name}/", f".pins/{name}/"
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        run = context.run
+        name = run.tags.get("dagster/partition") if run is not None else None
+        if not (self.url and name):
+            return
+        mirror = self.mirror()
+        pulled = sum(mirror.pull(p) for p in self._prefixes(name))
+        self._experiment = name
+        self._before = {p: mirror.snapshot(p) for p in self._prefixes(name)}
+        if context.log is not None:
+            context.log.info(f"store: pulled {pulled} changed files of {name} from {self.url}")
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._experiment is None:
+            return
+        pushed = sum(self.mirror().push(p, self._before[p]) for p in self._prefixes(self._experiment))
+        if context.log is not None:
+            context.log.info(f"store: pushed {pushed} files of {self._experiment} to {self.url}")
+        self._experiment = None
+
+    def pin(self, spec: Spec) -> str:
+        """Pin ``spec`` for a run (ops.spec.pin_spec) where every machine of the run finds it."""
+        from ops.spec import pin_spec
+
+        digest = pin_spec(spec, self.root)
+        if self.url:
+            self.mirror().push(f".pins/{spec.name}/")
+        return digest
 
 
 class ExperimentsResource(ConfigurableResource):

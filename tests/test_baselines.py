@@ -235,7 +235,7 @@ def test_datamodels_train_x_train_regresses_each_examples_margin_on_the_masks(tm
 
 
 def test_the_score_plot_draws_the_histogram_and_every_roc_and_survives_unknown_truth(tmp_path):
-    import pandas as pd
+    import polars as pl
 
     from ops.backdoor import plot_scores
 
@@ -244,15 +244,40 @@ def test_the_score_plot_draws_the_histogram_and_every_roc_and_survives_unknown_t
     rows = []
     for m, shift in (("strongest_feature", 3.0), ("spectre", 0.5)):
         score = rng.standard_normal(300) + shift * truth
-        rows.append(pd.DataFrame({"method": m, "score": score, "flagged": score > 2, "poisoned": truth}))
-    scores = pd.concat(rows, ignore_index=True)
+        rows.append(pl.DataFrame({"method": m, "score": score, "flagged": score > 2, "poisoned": truth}))
+    scores = pl.concat(rows)
     import matplotlib.pyplot as plt
 
     before = plt.get_fignums()
     p = plot_scores(scores, tmp_path / "s.png", "spectre")
     assert p.read_bytes()[:4] == b"\x89PNG" and plt.get_fignums() == before      # written, closed
-    unknown = scores.assign(poisoned=None)
+    unknown = scores.with_columns(poisoned=pl.lit(None, dtype=pl.Boolean))
     assert plot_scores(unknown, tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"   # histogram only
     from PIL import Image
 
     assert Image.open(tmp_path / "s.png").size[0] > Image.open(tmp_path / "u.png").size[0]   # two panels vs one
+
+
+def test_the_top_flagged_grid_frames_poisons_and_captions_labels(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from ops.backdoor import top_grid
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 200, (20, 8, 8, 1), dtype=np.uint8)
+    truth = np.zeros(20, bool)
+    truth[[3, 7]] = True
+    order = np.argsort(-np.arange(20))                        # 19, 18, ..., 0
+    plain = Image.open(io.BytesIO(top_grid(images, order, truth, count=16, cols=8)))
+    labelled = Image.open(io.BytesIO(top_grid(images, order, truth, count=16, cols=8,
+                                              captions=[f"class {i % 3}" for i in range(20)])))
+    assert labelled.height > plain.height                      # a caption strip under every row
+    a = np.asarray(labelled)
+    cw, ch = labelled.width // 8, labelled.height // 2
+    # example 7 is ranked 13th (row 1, column 4): its frame is red; example 18 (rank 2) is not framed
+    r, c = divmod(12, 8)
+    assert tuple(a[r * ch + 1, c * cw + (cw - 30) // 2 + 1]) == (220, 30, 30)
+    assert tuple(a[1, cw + (cw - 30) // 2 + 1]) != (220, 30, 30)
+    assert (a[r * ch + 30: (r + 1) * ch, c * cw: (c + 1) * cw] < 100).any()   # caption text drawn

@@ -2,7 +2,7 @@
 and its assets end to end into the warehouse."""
 import duckdb
 import numpy as np
-import pandas as pd
+import polars as pl
 import pytest
 import yaml
 from dagster import AssetSelection, instance_for_test, materialize
@@ -72,24 +72,24 @@ def test_the_study_runs_into_the_warehouse(study):
     results, home = study
     assert results["rob"].success
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
-        table = conn.execute("SELECT * FROM robustness WHERE experiment = 'rob'").df()
-        curve = conn.execute("SELECT * FROM robustness_curve WHERE experiment = 'rob'").df()
-        neural = conn.execute("SELECT * FROM neural_attacks WHERE experiment = 'rob'").df()
+        table = conn.sql("SELECT * FROM robustness WHERE experiment = 'rob'").pl()
+        curve = conn.sql("SELECT * FROM robustness_curve WHERE experiment = 'rob'").pl()
+        neural = conn.sql("SELECT * FROM neural_attacks WHERE experiment = 'rob'").pl()
     # 3 budgets (standard, ε/2, ε) x 2 ensemble sizes x 3 attacks, and two fusions at 2 budgets x 3 attacks
     assert len(table) == 3 * 2 * 3 + 2 * 2 * 3
     assert set(table["scheme"]) == {"ensemble", "fusion", "fusion_at"}
     assert (table["robust_accuracy"] <= table["natural_accuracy"] + 1e-9).all()
     assert table["natural_accuracy"].min() > 0.5                          # the models learned
     # a larger attack never leaves more examples correct (same models, same examples)
-    for _, g in table.groupby(["scheme", "eps_train", "k"]):
-        acc = g.sort_values("eps_test")["robust_accuracy"].to_numpy()
+    for _, g in table.group_by(["scheme", "eps_train", "k"]):
+        acc = g.sort("eps_test")["robust_accuracy"].to_numpy()
         assert (np.diff(acc) <= 1e-9).all()
     # PGD-AT at ε beats the standard model at ε (single models, the curve)
-    at = curve[np.isclose(curve["eps"], 0.1)].set_index("eps_train")["robust_accuracy"]
+    at = dict(curve.filter(np.isclose(curve["eps"].to_numpy(), 0.1)).select("eps_train", "robust_accuracy").rows())
     assert at[0.1] > at[0.0]
-    assert len(neural) == 2 * 2 and np.isfinite(neural.drop(columns=["experiment", "surrogate"]).to_numpy()).all()
-    for _, g in neural.groupby("surrogate"):
-        g = g.sort_values("budget")
+    assert len(neural) == 2 * 2 and np.isfinite(neural.drop("experiment", "surrogate").to_numpy()).all()
+    for _, g in neural.group_by("surrogate"):
+        g = g.sort("budget")
         assert (np.diff(g["brain_change"]) > 0).all() and (np.diff(g["self_change"]) > 0).all()
     # the claim is checked and recorded, whichever way it went
     meta = next(e for e in results["rob"].get_asset_materialization_events()
@@ -105,15 +105,15 @@ def test_a_spec_without_the_section_materializes_no_study_asset(study):
     assert not (home / "artifacts" / "plain" / "robust_models").exists()
 
 
-def test_the_study_tables_doc_matches_the_warehouse(study):
-    """docs/tables.md's study sections against the study's warehouse, as test_lineage checks the core's."""
+def assert_study_tables_documented(home, tables) -> None:
+    """docs/tables.md's "####" sections of ``tables`` against a study's warehouse in ``home``: the
+    same columns and types, rows present, no NULL where the doc allows none, values within "one of"."""
     import re
 
     from tests.test_lineage import _documented_tables
 
-    _, home = study
-    doc = _documented_tables("#### ")
-    assert set(doc) == {"robustness", "robustness_curve", "neural_attacks"}
+    doc = {k: v for k, v in _documented_tables("#### ").items() if k in tables}
+    assert set(doc) == set(tables)
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
         for table, cols in doc.items():
             got = {name: typ for name, typ, *_ in conn.execute(f"DESCRIBE {table}").fetchall()}
@@ -126,6 +126,15 @@ def test_the_study_tables_doc_matches_the_warehouse(study):
                     allowed = set(re.findall(r"`([^`]+)`", meaning.split("one of", 1)[1].split(":")[0]))
                     values = {r[0] for r in conn.execute(f"SELECT DISTINCT {col} FROM {table}").fetchall()}
                     assert values <= allowed, f"{table}.{col}: {values - allowed}"
+
+
+def test_the_study_tables_doc_matches_the_warehouse(study):
+    """docs/tables.md's study sections against the study's warehouse, as test_lineage checks the core's."""
+    from ops.robustness import TABLES
+
+    _, home = study
+    assert set(TABLES) == {"robustness", "robustness_curve", "neural_attacks"}
+    assert_study_tables_documented(home, TABLES)
 
 
 def test_the_report_shows_the_study_where_it_ran(study):

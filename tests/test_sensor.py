@@ -22,7 +22,8 @@ def _resources(tmp_path):
 def _tick(instance, res, cursor=None, apply=True):
     """One evaluation; with ``apply``, what the daemon does with its result (partitions added,
     observations recorded)."""
-    r = experiment_specs_sensor(build_sensor_context(instance=instance, resources=res, cursor=cursor))
+    with build_sensor_context(instance=instance, resources=res, cursor=cursor) as ctx:
+        r = experiment_specs_sensor(ctx)
     if apply:
         for req in r.dynamic_partitions_requests or []:
             instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
@@ -197,11 +198,13 @@ def test_the_stale_schedule_runs_what_dagster_finds_stale_and_waits_for_runs_in_
     res = _resources(tmp_path)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("experiments", ["e"])
-        [req] = stale_experiments_schedule(build_schedule_context(instance=instance, resources=res))
+        with build_schedule_context(instance=instance, resources=res) as ctx:
+            [req] = stale_experiments_schedule(ctx)
         assert req.partition_key == "e" and len(_selection(req)) == 14       # never materialized: all of it
         assert set(recorded_versions(instance, "e")) == set(SOURCE_KEYS)     # observed first
         assert load_pinned("e", req.tags[SPEC_TAG], tmp_path / "artifacts").seed == 1
         create_run_for_test(instance, job_name="lineage_job", status=DagsterRunStatus.STARTED,
                             tags={"provenance/experiment": "e"})
-        out = stale_experiments_schedule(build_schedule_context(instance=instance, resources=res))
+        with build_schedule_context(instance=instance, resources=res) as ctx:
+            out = stale_experiments_schedule(ctx)
         assert isinstance(out, SkipReason)                                  # e is in flight; new is the sensor's
