@@ -6,6 +6,9 @@ names; everything else about a study lives in its own modules.
 """
 from dagster import AssetKey, AssetSelection
 
+from assets.regimes import ASSETS as REGIMES_ASSETS
+from assets.regimes import GROUP as REGIMES_GROUP
+from assets.regimes import regimes_job
 from assets.robustness import ASSETS as ROBUSTNESS_ASSETS
 from assets.robustness import GROUP as ROBUSTNESS_GROUP
 from assets.robustness import robustness_job
@@ -13,6 +16,7 @@ from assets.robustness import robustness_job
 # spec section -> (asset group, its assets, its job)
 STUDIES = {
     "robustness": (ROBUSTNESS_GROUP, ROBUSTNESS_ASSETS, robustness_job),
+    "regimes": (REGIMES_GROUP, REGIMES_ASSETS, regimes_job),
 }
 STUDY_ASSETS = [a for _, assets, _ in STUDIES.values() for a in assets]
 STUDY_JOBS = [job for _, _, job in STUDIES.values()]

@@ -44,7 +44,28 @@ def experiment_report(conn, exp: str) -> str:
         lines.append(f"  retrained without the true poisons (reference): accuracy {_fmt(rows[0][9])}, "
                      f"attack success {_fmt(rows[0][10])}")
     lines += _robustness_lines(conn, exp)
+    lines += _regimes_lines(conn, exp)
     return "\n".join(lines)
+
+
+def _has(conn, table: str) -> bool:
+    return bool(conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                             [table]).fetchone()[0])
+
+
+def _regimes_lines(conn, exp: str) -> list[str]:
+    """The two-regimes study's accuracy per schedule (mean ± sd over seeds), where it ran."""
+    if not _has(conn, "regimes"):
+        return []
+    rows = conn.execute("SELECT schedule, avg(test_accuracy), stddev_samp(test_accuracy), count(*), max(epochs) "
+                        "FROM regimes WHERE experiment = ? GROUP BY schedule ORDER BY avg(test_accuracy) DESC",
+                        [exp]).fetchall()
+    if not rows:
+        return []
+    out = [f"  regimes (test accuracy, {rows[0][4]} epochs, mean ± sd over seeds):"]
+    for schedule, mean, sd, n, _ in rows:
+        out.append(f"    {schedule:<11} {_fmt(mean)} ± {_fmt(sd or 0.0)} ({n} seeds)")
+    return out
 
 
 def _robustness_lines(conn, exp: str) -> list[str]:

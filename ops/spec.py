@@ -384,6 +384,35 @@ class RobustnessSpec(_Section):
         return self
 
 
+class RegimesSpec(_Section):
+    """The two-regimes study (ops/regimes.py): learning-rate schedules at one epoch budget over
+    seeds, and the momentum / learning-rate equivalence of the large-step phase."""
+    schedules: list[Literal["step", "triangular", "two_regime", "small_only"]] = \
+        ["step", "triangular", "two_regime", "small_only"]
+    seeds: int = Field(3, ge=1, le=64)
+    epochs: Optional[int] = Field(None, gt=0)         # default training.epochs
+    lr: Optional[float] = Field(None, gt=0)           # the large rate; default training.lr
+    momentum: float = Field(0.9, ge=0, lt=1)          # step, triangular and the small-step phase
+    small_lr: float = Field(0.005, gt=0)
+    switch_frac: float = Field(0.75, gt=0, lt=1)
+    momenta: list[float] = [0.5, 0.9]                 # the equivalence sweep: μ at η(1 − μ) and at η
+    equivalence_epochs: int = Field(5, gt=0)
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedules(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct schedules, got {v}")
+        return v
+
+    @field_validator("momenta")
+    @classmethod
+    def _momenta(cls, v):
+        if any(not 0 < m < 1 for m in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct momenta in (0, 1), got {v}")
+        return sorted(v)
+
+
 class Spec(_Section):
     name: str
     description: str = ""
@@ -399,6 +428,7 @@ class Spec(_Section):
     lds: LdsSpec = LdsSpec()
     detector: DetectorSpec = DetectorSpec()
     robustness: Optional[RobustnessSpec] = None     # a study: absent, it does not run
+    regimes: Optional[RegimesSpec] = None           # a study
 
     @field_validator("inbox")
     @classmethod

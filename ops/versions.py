@@ -34,6 +34,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "detector": ("detector",),
     "other": ("description", "inbox"),
     "robustness": ("robustness",),      # a study's section: read by its first asset
+    "regimes": ("regimes",),
 }
 
 SOURCE = "dataset_source"
@@ -51,6 +52,7 @@ READERS: dict[str, str] = {
     "spec/detector": "backdoor_report",
     "spec/other": "warehouse",
     "spec/robustness": "robust_models",
+    "spec/regimes": "regimes_runs",
 }
 
 
