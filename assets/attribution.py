@@ -1,12 +1,11 @@
 """Attribution: TRAK features and scores, datamodels, and their LDS."""
 
-import base64
-
 import numpy as np
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
                      MaterializeResult, MetadataValue, asset)
 
 from assets.common import code_version, experiments_partitions, metadata
+from assets.common import png as png_md
 from assets.sources import source_deps
 from ops.tables import markdown
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
@@ -104,8 +103,7 @@ def lds_evaluation(context: AssetExecutionContext, experiments: ExperimentsResou
     png = attribution.plot_lds_curve(curve, store.get().path(key, attribution.LDS, "lds_curve.png"))
     md = metadata(summary, {"path": store.get().path(key, attribution.LDS)})
     md["lds_curve"] = MetadataValue.md(markdown(curve, drop=("experiment",)))
-    md["lds_curve_plot"] = MetadataValue.md(
-        f"![LDS against number of models](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    md["lds_curve_plot"] = png_md(png, alt="LDS against number of models")
     yield MaterializeResult(metadata=md)
     yield AssetCheckResult(check_name="enough_heldout_models", passed=summary["n_heldout"] >= spec.lds.min_heldout,
                            severity=AssetCheckSeverity.WARN,

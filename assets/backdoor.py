@@ -1,11 +1,10 @@
 """Backdoor report: every registered detector (strongest feature and the baselines), against poison_truth."""
 
-import base64
 
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
                      MaterializeResult, MetadataValue, asset)
 
-from assets.common import code_version, experiments_partitions, metadata
+from assets.common import code_version, experiments_partitions, metadata, png
 from assets.sources import source_deps
 from ops.tables import markdown
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
@@ -33,16 +32,13 @@ def backdoor_report(context: AssetExecutionContext, experiments: ExperimentsReso
     md = metadata(summary, {"path": s.path(key, backdoor.REPORT)})
     md["summary"] = MetadataValue.md(markdown(table, drop=("experiment", "flag_rule")))
     grid = s.path(key, backdoor.REPORT, "top_flagged.png")
-    md["top_flagged"] = MetadataValue.md(
-        f"Top-ranked training images of `{summary['grid_method']}` with their training labels "
-        f"(red frame: truly poisoned)\n\n"
-        f"![top flagged](data:image/png;base64,{base64.b64encode(grid.read_bytes()).decode()})")
+    md["top_flagged"] = png(grid, f"Top-ranked training images of `{summary['grid_method']}` with their training "
+                                  f"labels (red frame: truly poisoned)", alt="top flagged")
     md["top_flagged_path"] = MetadataValue.path(str(grid))
     plot = backdoor.plot_scores(s.load_table(key, backdoor.REPORT, "scores.parquet"),
                                 s.path(key, backdoor.REPORT, "scores.png"), summary["grid_method"])
-    md["scores_and_roc"] = MetadataValue.md(
-        f"Score histogram of `{summary['grid_method']}` and every detector's ROC curve\n\n"
-        f"![scores](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})")
+    md["scores_and_roc"] = png(plot, f"Score histogram of `{summary['grid_method']}` and every detector's ROC "
+                                     f"curve", alt="scores")
     yield MaterializeResult(metadata=md)
     yield AssetCheckResult(check_name="detector_flagged_something", passed=summary["flagged"] > 0,
                            severity=AssetCheckSeverity.WARN, metadata={"flagged": summary["flagged"]})

@@ -90,3 +90,24 @@ def table_metadata(schemas: dict, counts: dict) -> dict:
         out[f"{table}/columns"] = MetadataValue.table_schema(TableSchema(columns=[TableColumn(n, t) for n, t in cols]))
         out[f"{table}/rows"] = MetadataValue.int(int(counts.get(table, 0)))
     return out
+
+
+def png(path, caption: str = "", alt: str = "plot") -> MetadataValue:
+    """A PNG file as markdown metadata (inline, base64), with an optional caption above it."""
+    import base64
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return MetadataValue.md((f"{caption}\n\n" if caption else "") + f"![{alt}](data:image/png;base64,{data})")
+
+
+def load_study_warehouse(key: str, store, database: str, tables: dict, frames: dict):
+    """A study's last asset: its tables (``tables``: name -> DDL columns; ``frames``: name -> polars
+    frame) into the warehouse for experiment ``key``, and the metadata Dagster shows for them."""
+    from ops.warehouse import load_study_tables, table_schemas, writing
+
+    with writing(Path(database)) as conn:
+        counts = load_study_tables(conn, key, tables, frames)
+        schemas = table_schemas(conn, counts)
+    return {"rows": MetadataValue.json(counts), "dagster/row_count": MetadataValue.int(int(sum(counts.values()))),
+            **table_metadata(schemas, counts)}
+

@@ -1,14 +1,11 @@
 """The two-regimes study as an asset group (docs/studies.md): regimes_runs -> regimes_warehouse.
 It runs for experiments whose spec has a ``regimes`` section; for the others its first asset
 materializes nothing and the rest is skipped."""
-import base64
-from pathlib import Path
-
 from dagster import (AssetExecutionContext, AssetSelection, MaterializeResult, MetadataValue, Output, asset,
                      define_asset_job)
 from dagster_duckdb import DuckDBResource
 
-from assets.common import code_version, experiments_partitions, metadata, table_metadata
+from assets.common import code_version, experiments_partitions, load_study_warehouse, metadata, png
 from assets.sources import source_deps
 from ops.tables import markdown
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
@@ -44,9 +41,7 @@ def regimes_runs(context: AssetExecutionContext, experiments: ExperimentsResourc
             test_accuracy_std=pl.col("test_accuracy").std(), seeds=pl.len()), digits=4))
     md["momentum_equivalence"] = MetadataValue.md(markdown(
         s.load_table(key, regimes.RUNS, "momentum_equivalence.parquet"), drop=("experiment",), digits=4))
-    png = s.path(key, regimes.RUNS, "loss_curves.png")
-    md["loss_curves"] = MetadataValue.md(
-        f"![loss curves](data:image/png;base64,{base64.b64encode(Path(png).read_bytes()).decode()})")
+    md["loss_curves"] = png(s.path(key, regimes.RUNS, "loss_curves.png"), alt="loss curves")
     yield Output(None, metadata=md)
 
 
@@ -56,17 +51,11 @@ def regimes_warehouse(context: AssetExecutionContext, store: ArtifactStoreResour
                       duckdb: DuckDBResource) -> MaterializeResult:
     """The study's tables (regimes, regimes_curve, momentum_equivalence) in the warehouse."""
     from ops import regimes
-    from ops.warehouse import load_study_tables, table_schemas, writing
 
     key = context.partition_key
     s = store.get()
     frames = {name: s.load_table(key, regimes.RUNS, f"{name}.parquet") for name in regimes.TABLES}
-    with writing(Path(duckdb.database)) as conn:
-        counts = load_study_tables(conn, key, regimes.TABLES, frames)
-        schemas = table_schemas(conn, counts)
-    return MaterializeResult(metadata={"rows": MetadataValue.json(counts),
-                                       "dagster/row_count": MetadataValue.int(int(sum(counts.values()))),
-                                       **table_metadata(schemas, counts)})
+    return MaterializeResult(metadata=load_study_warehouse(key, s, duckdb.database, regimes.TABLES, frames))
 
 
 ASSETS = [regimes_runs, regimes_warehouse]

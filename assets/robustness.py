@@ -2,14 +2,11 @@
 neural_response -> robustness_warehouse.  It runs for experiments whose spec has a
 ``robustness`` section; for the others its first asset materializes nothing and the rest are
 skipped (and ``./provenance run``, the sensor and the schedule never select them)."""
-import base64
-from pathlib import Path
-
 from dagster import (AssetExecutionContext, AssetSelection, MaterializeResult, MetadataValue, Output, asset,
                      define_asset_job)
 from dagster_duckdb import DuckDBResource
 
-from assets.common import code_version, experiments_partitions, metadata, table_metadata
+from assets.common import code_version, experiments_partitions, load_study_warehouse, metadata, png
 from assets.sources import source_deps
 from ops.tables import markdown
 from resources import ArtifactStoreResource, ComputeResource, ExperimentsResource
@@ -18,10 +15,6 @@ from resources import ArtifactStoreResource, ComputeResource, ExperimentsResourc
 CODE_VERSION = code_version(__name__)
 
 GROUP = "robustness"
-
-
-def _png(path) -> MetadataValue:
-    return MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})")
 
 
 @asset(deps=["loader_files", *source_deps("spec/robustness")], partitions_def=experiments_partitions,
@@ -58,7 +51,7 @@ def robustness_eval(context: AssetExecutionContext, experiments: ExperimentsReso
     md["table"] = MetadataValue.md(markdown(table, drop=("experiment",), digits=4))
     md["robust_accuracy_vs_eps"] = MetadataValue.md(
         markdown(curve.pivot(on="eps_train", index="eps", values="robust_accuracy", sort_columns=True), digits=4))
-    md["plot"] = _png(s.path(key, robustness.EVAL, "robustness_curve.png"))
+    md["plot"] = png(s.path(key, robustness.EVAL, "robustness_curve.png"))
     return MaterializeResult(metadata=md)
 
 
@@ -82,7 +75,7 @@ def neural_response(context: AssetExecutionContext, experiments: ExperimentsReso
     table = s.load_table(key, robustness.NEURAL, "neural_attacks.parquet")
     md = metadata(summary, {"path": s.path(key, robustness.NEURAL)})
     md["table"] = MetadataValue.md(markdown(table, drop=("experiment",), digits=4))
-    md["plot"] = _png(s.path(key, robustness.NEURAL, "neural_attacks.png"))
+    md["plot"] = png(s.path(key, robustness.NEURAL, "neural_attacks.png"))
     yield Output(None, metadata=md)
 
 
@@ -92,7 +85,6 @@ def robustness_warehouse(context: AssetExecutionContext, store: ArtifactStoreRes
                          duckdb: DuckDBResource) -> MaterializeResult:
     """The study's tables (robustness, robustness_curve, neural_attacks) in the warehouse."""
     from ops import robustness
-    from ops.warehouse import load_study_tables, table_schemas, writing
 
     key = context.partition_key
     s = store.get()
@@ -100,12 +92,7 @@ def robustness_warehouse(context: AssetExecutionContext, store: ArtifactStoreRes
               "robustness_curve": s.load_table(key, robustness.EVAL, "robustness_curve.parquet")}
     if s.path(key, robustness.NEURAL, "neural_attacks.parquet").exists():
         frames["neural_attacks"] = s.load_table(key, robustness.NEURAL, "neural_attacks.parquet")
-    with writing(Path(duckdb.database)) as conn:
-        counts = load_study_tables(conn, key, robustness.TABLES, frames)
-        schemas = table_schemas(conn, counts)
-    return MaterializeResult(metadata={"rows": MetadataValue.json(counts),
-                                       "dagster/row_count": MetadataValue.int(int(sum(counts.values()))),
-                                       **table_metadata(schemas, counts)})
+    return MaterializeResult(metadata=load_study_warehouse(key, s, duckdb.database, robustness.TABLES, frames))
 
 
 ASSETS = [robust_models, robustness_eval, neural_response, robustness_warehouse]

@@ -12,11 +12,15 @@ from assets.regimes import regimes_job
 from assets.robustness import ASSETS as ROBUSTNESS_ASSETS
 from assets.robustness import GROUP as ROBUSTNESS_GROUP
 from assets.robustness import robustness_job
+from assets.smallify import ASSETS as SMALLIFY_ASSETS
+from assets.smallify import GROUP as SMALLIFY_GROUP
+from assets.smallify import smallify_job
 
 # spec section -> (asset group, its assets, its job)
 STUDIES = {
     "robustness": (ROBUSTNESS_GROUP, ROBUSTNESS_ASSETS, robustness_job),
     "regimes": (REGIMES_GROUP, REGIMES_ASSETS, regimes_job),
+    "smallify": (SMALLIFY_GROUP, SMALLIFY_ASSETS, smallify_job),
 }
 STUDY_ASSETS = [a for _, assets, _ in STUDIES.values() for a in assets]
 STUDY_JOBS = [job for _, _, job in STUDIES.values()]

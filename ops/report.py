@@ -45,7 +45,27 @@ def experiment_report(conn, exp: str) -> str:
                      f"attack success {_fmt(rows[0][10])}")
     lines += _robustness_lines(conn, exp)
     lines += _regimes_lines(conn, exp)
+    lines += _smallify_lines(conn, exp)
     return "\n".join(lines)
+
+
+def _smallify_lines(conn, exp: str) -> list[str]:
+    """The Smallify study's networks, where it ran: parameters, accuracy, and the comparison with
+    the most accurate static network (means over seeds)."""
+    if not _has(conn, "smallify"):
+        return []
+    rows = conn.execute("SELECT kind, lam, width_frac, any_value(widths), avg(params), avg(test_accuracy), "
+                        "avg(params_ratio), avg(speedup_b256), bool_and(similar_accuracy) FROM smallify "
+                        "WHERE experiment = ? GROUP BY kind, lam, width_frac ORDER BY kind, avg(params)",
+                        [exp]).fetchall()
+    if not rows:
+        return []
+    out = ["  smallify (parameters, accuracy; against the most accurate static network):"]
+    for kind, lam, frac, widths, params, acc, ratio, speed, similar in rows:
+        what = f"λ={lam:g}" if kind == "smallify" else f"×{frac:g}"
+        out.append(f"    {kind:<8} {what:<8} widths {widths:<12} {params:>9.0f} params, accuracy {_fmt(acc)}, "
+                   f"{ratio:.1f}x smaller, {speed:.1f}x faster at batch 256" + ("" if similar else " (less accurate)"))
+    return out
 
 
 def _has(conn, table: str) -> bool:

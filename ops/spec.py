@@ -413,6 +413,55 @@ class RegimesSpec(_Section):
         return sorted(v)
 
 
+class SmallifySpec(_Section):
+    """The Smallify study (ops/smallify.py): a λ sweep of pruning during training against a grid of
+    statically sized networks with the same training budget."""
+    arch: Literal["mlp", "cnn"] = "mlp"
+    hidden: Optional[list[int]] = None                # mlp: hidden widths (default [256, 256]); cnn: its
+                                                      # fully connected layers after the convolutions (default [128])
+    channels: list[int] = [32, 64]                    # cnn: conv channels (3x3, ReLU, 2x2 max pool each)
+    lambdas: list[float] = [0.0, 0.003, 0.01, 0.03]   # L1 weights on the switches
+    width_grid: list[float] = [0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0]   # static networks: the widths scaled
+    epochs: Optional[int] = Field(None, gt=0)         # default training.epochs
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    prune_every: int = Field(50, gt=0)                # steps between removal checks
+    threshold: float = Field(0.5, gt=0)               # sign variance above which a unit is removed
+    seeds: int = Field(1, ge=1, le=16)
+    tolerance: float = Field(0.01, ge=0, lt=1)        # "similar accuracy": within this of the best static network
+    latency_threads: int = Field(1, ge=1)
+    latency_repeats: int = Field(30, ge=3)
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _widths(cls, v):
+        if v is not None and (not v or any(w < 1 for w in v)):
+            raise ValueError(f"must be a non-empty list of widths >= 1, got {v}")
+        return v
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas(cls, v):
+        if not v or any(x < 0 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct non-negative L1 weights, got {v}")
+        return sorted(v)
+
+    @field_validator("width_grid")
+    @classmethod
+    def _grid(cls, v):
+        if not v or any(not 0 < f <= 1 for f in v) or len(set(v)) != len(v) or 1.0 not in v:
+            raise ValueError(f"must be distinct width fractions in (0, 1] including 1.0 (the full network), got {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if self.hidden is None:
+            object.__setattr__(self, "hidden", [256, 256] if self.arch == "mlp" else [128])
+        return self
+
+
 class Spec(_Section):
     name: str
     description: str = ""
@@ -429,6 +478,7 @@ class Spec(_Section):
     detector: DetectorSpec = DetectorSpec()
     robustness: Optional[RobustnessSpec] = None     # a study: absent, it does not run
     regimes: Optional[RegimesSpec] = None           # a study
+    smallify: Optional[SmallifySpec] = None         # a study
 
     @field_validator("inbox")
     @classmethod

@@ -35,6 +35,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "other": ("description", "inbox"),
     "robustness": ("robustness",),      # a study's section: read by its first asset
     "regimes": ("regimes",),
+    "smallify": ("smallify",),
 }
 
 SOURCE = "dataset_source"
@@ -53,6 +54,7 @@ READERS: dict[str, str] = {
     "spec/other": "warehouse",
     "spec/robustness": "robust_models",
     "spec/regimes": "regimes_runs",
+    "spec/smallify": "smallify_runs",
 }
 
 
