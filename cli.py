@@ -191,6 +191,16 @@ def cmd_run(args) -> int:
     from assets.studies import named, selection_for
 
     selection = _selection(instance, spec) if args.stale else selection_for(spec)
+    if args.study:     # only that study and what it reads
+        from dagster import AssetSelection
+
+        from assets.studies import STUDIES, unnamed_keys
+
+        if args.study not in named(spec):
+            print(f"--study {args.study}: the spec names {named(spec) or 'no study'} (studies: "
+                  f"{', '.join(STUDIES)})", file=sys.stderr)
+            return 2
+        selection = AssetSelection.groups(STUDIES[args.study][0]).upstream() - AssetSelection.assets(*unnamed_keys(spec))
     if named(spec):
         print(f"{spec.name}: with the studies {', '.join(named(spec))}", file=sys.stderr)
     if selection == []:
@@ -486,6 +496,7 @@ def main(argv=None) -> int:
     r.add_argument("spec", help="experiment name (experiments/<name>.yaml) or path to a spec")
     r.add_argument("--device", help="auto | cpu | cuda (default: $PROVENANCE_DEVICE or auto)")
     r.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.add_argument("--study", help="run only this study of the spec (and what it reads), not the core lineage")
     r.add_argument("--stale", action="store_true",
                    help="materialize only what is stale or missing (and what is downstream of it)")
     r.set_defaults(fn=cmd_run)

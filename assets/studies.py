@@ -15,12 +15,16 @@ from assets.robustness import robustness_job
 from assets.smallify import ASSETS as SMALLIFY_ASSETS
 from assets.smallify import GROUP as SMALLIFY_GROUP
 from assets.smallify import smallify_job
+from assets.threedb import ASSETS as THREEDB_ASSETS
+from assets.threedb import GROUP as THREEDB_GROUP
+from assets.threedb import threedb_job
 
 # spec section -> (asset group, its assets, its job)
 STUDIES = {
     "robustness": (ROBUSTNESS_GROUP, ROBUSTNESS_ASSETS, robustness_job),
     "regimes": (REGIMES_GROUP, REGIMES_ASSETS, regimes_job),
     "smallify": (SMALLIFY_GROUP, SMALLIFY_ASSETS, smallify_job),
+    "threedb": (THREEDB_GROUP, THREEDB_ASSETS, threedb_job),
 }
 STUDY_ASSETS = [a for _, assets, _ in STUDIES.values() for a in assets]
 STUDY_JOBS = [job for _, _, job in STUDIES.values()]

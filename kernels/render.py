@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
@@ -265,11 +263,12 @@ def egl_status() -> Optional[str]:
     return _EGL_STATUS["status"]
 
 
-class Renderer:
-    """Renders :class:`SceneParams` at ``size`` x ``size``.  Create it once: it holds one EGL
-    context and uploads each (object, texture) mesh the first time it is drawn, then renders
-    many frames.  ``render`` returns uint8 (H, W, 3); ``render_many`` (N, H, W, 3), the 2D stages
-    batched.  Close it (or use it as a context manager) to release the context."""
+class _EGLRenderer:
+    """The 3D stage in this process: one EGL context; each (object, texture) mesh uploaded the first
+    time it is drawn.  Used only inside a render server process (:class:`Renderer`): a process that
+    has initialized Mesa's EGL crashes in PyTorch's CPU kernels afterwards (measured: a plain conv
+    training step segfaults after one render in the same process), so rendering never shares a
+    process with training or inference."""
 
     def __init__(self, size: int = 64):
         self._gl = None
@@ -337,29 +336,6 @@ class Renderer:
         self.frames += 1
         return colour.astype(np.float32) / 255.0
 
-    # -- the whole pipeline
-
-    def render_many(self, scenes: Sequence[SceneParams]) -> np.ndarray:
-        """uint8 (N, H, W, 3): 3D, background, occlusion, corruption (batched), quantization."""
-        scenes = list(scenes)
-        if not scenes:
-            return np.zeros((0, self.size, self.size, 3), np.uint8)
-        rgba = np.stack([self.render_rgba(s) for s in scenes])
-        img = composite_background(rgba, np.array([s.background for s in scenes], np.float32))
-        for i, s in enumerate(scenes):
-            if s.occlusion_ratio > 0:
-                img[i] = occlude(img[i], s.occlusion_ratio, s.occlusion_position, s.occluder, s.noise_seed())
-        if any(s.corruption for s in scenes):
-            x = torch.from_numpy(img).permute(0, 3, 1, 2)
-            x = corrupt(x, [s.corruption for s in scenes], [s.severity for s in scenes],
-                        [s.noise_seed() for s in scenes])
-            img = x.permute(0, 2, 3, 1).numpy()
-        return to_uint8(img)
-
-    def render(self, scene: SceneParams) -> np.ndarray:
-        """uint8 (H, W, 3)."""
-        return self.render_many([scene])[0]
-
     def close(self):
         """Frees this renderer's GL objects and destroys its context.  Unlike pyrender's
         ``OffscreenRenderer.delete`` it does not terminate the EGL display, which every renderer of
@@ -390,6 +366,133 @@ class Renderer:
             pass
 
 
+def _serve(conn, size: int) -> None:
+    """The render server: an :class:`_EGLRenderer` answering lists of scenes with RGBA stacks."""
+    os.environ["PYOPENGL_PLATFORM"] = "egl"
+    try:
+        r = _EGLRenderer(size)
+    except Exception as e:   # noqa: BLE001 - reported to the client, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    try:
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            try:
+                out = np.stack([r.render_rgba(sc) for sc in msg]) if msg else \
+                    np.zeros((0, size, size, 4), np.float32)
+                conn.send(("ok", out))
+            except Exception as e:   # noqa: BLE001
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    except EOFError:
+        pass
+    finally:
+        r.close()
+
+
+class Renderer:
+    """Renders :class:`SceneParams` at ``size`` x ``size``.  Create it once: the 3D stage runs in a
+    render server process (spawned, holding one EGL context and the uploaded meshes) and the 2D
+    stages here; ``render`` returns uint8 (H, W, 3), ``render_many`` (N, H, W, 3), the 2D stages
+    batched.  Close it (or use it as a context manager) to stop the server."""
+
+    def __init__(self, size: int = 64):
+        import multiprocessing as mp
+
+        self._proc = self._conn = None
+        if not SIZES[0] <= size <= SIZES[1]:
+            raise ValueError(f"size: must be in {SIZES[0]}..{SIZES[1]}, got {size}")
+        if os.environ.get("PYOPENGL_PLATFORM") != "egl":
+            raise RuntimeError("PYOPENGL_PLATFORM must be 'egl' (set before OpenGL is imported)")
+        self.size = int(size)
+        self.frames = 0
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, self.size), daemon=True, name="provenance-render")
+        self._proc.start()
+        child.close()
+        status, err = self._recv()
+        if status != "ready":
+            self.close()
+            raise RuntimeError(f"the render server could not start: {err}")
+
+    def _recv(self):
+        if not self._conn.poll(120):
+            raise RuntimeError("the render server did not answer within 120 s")
+        try:
+            return self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the render server died (exit code {self._proc.exitcode})") from None
+
+    def render_rgba_many(self, scenes: Sequence[SceneParams]) -> np.ndarray:
+        """The 3D stage: float32 (N, H, W, 4), colour premultiplied by alpha (0 off the object)."""
+        if self._conn is None:
+            raise RuntimeError("the renderer is closed")
+        scenes = list(scenes)
+        self._conn.send(scenes)
+        status, out = self._recv()
+        if status != "ok":
+            raise RuntimeError(f"rendering failed: {out}")
+        self.frames += len(scenes)
+        return out
+
+    def render_rgba(self, scene: SceneParams) -> np.ndarray:
+        """The 3D stage of one scene: float32 (H, W, 4)."""
+        return self.render_rgba_many([scene])[0]
+
+    def render_many(self, scenes: Sequence[SceneParams]) -> np.ndarray:
+        """uint8 (N, H, W, 3): 3D, background, occlusion, corruption (batched), quantization."""
+        scenes = list(scenes)
+        if not scenes:
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        rgba = self.render_rgba_many(scenes)
+        img = composite_background(rgba, np.array([s.background for s in scenes], np.float32))
+        for i, s in enumerate(scenes):
+            if s.occlusion_ratio > 0:
+                img[i] = occlude(img[i], s.occlusion_ratio, s.occlusion_position, s.occluder, s.noise_seed())
+        if any(s.corruption for s in scenes):
+            import torch
+
+            x = torch.from_numpy(img).permute(0, 3, 1, 2)
+            x = corrupt(x, [s.corruption for s in scenes], [s.severity for s in scenes],
+                        [s.noise_seed() for s in scenes])
+            img = x.permute(0, 2, 3, 1).numpy()
+        return to_uint8(img)
+
+    def render(self, scene: SceneParams) -> np.ndarray:
+        """uint8 (H, W, 3)."""
+        return self.render_many([scene])[0]
+
+    def close(self):
+        conn, self._conn = self._conn, None
+        proc, self._proc = self._proc, None
+        if conn is not None:
+            try:
+                conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+            conn.close()
+        if proc is not None:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # noqa: BLE001 - interpreter shutdown
+            pass
+
+
 # ------------------------------------------------------------------ 2D stages
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -398,6 +501,8 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1], what a model is given."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -460,6 +565,9 @@ def corrupt(images: torch.Tensor, corruptions: Sequence[Optional[str]] | str,
     """The fast path: (N, 3, H, W) float images in [0, 1], each with its own corruption (None:
     untouched), severity 1..5 and noise seed (a single value applies to all); returns a new
     tensor in [0, 1].  Agrees with :func:`corrupt_reference` image by image."""
+    import torch
+    import torch.nn.functional as F
+
     n, _, h, w = images.shape
     names = [corruptions] * n if isinstance(corruptions, str) or corruptions is None else list(corruptions)
     sev = [severities] * n if isinstance(severities, int) else list(severities)

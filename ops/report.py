@@ -10,7 +10,10 @@ def _fmt(v, digits=3):
 
 def experiment_report(conn, exp: str) -> str:
     q = lambda sql: conn.execute(sql, [exp]).fetchall()  # noqa: E731
-    if not q("SELECT 1 FROM experiments WHERE experiment = ?"):
+    study = [line for lines in (f(conn, exp) for f in STUDY_LINES) for line in lines]
+    if not (_has(conn, "experiments") and q("SELECT 1 FROM experiments WHERE experiment = ?")):
+        if study:     # a run of studies only (./provenance run <spec> --study <name>)
+            return "\n".join([f"provenance report: experiment {exp} (studies only)", *study])
         raise KeyError(f"experiment {exp!r} is not in the warehouse")
     models = dict(q("SELECT role, count(*) FROM models WHERE experiment = ? GROUP BY role"))
     full = q("SELECT accuracy, attack_success_rate FROM models WHERE experiment = ? AND role = 'full'")
@@ -43,10 +46,7 @@ def experiment_report(conn, exp: str) -> str:
     if rows and rows[0][9] is not None:
         lines.append(f"  retrained without the true poisons (reference): accuracy {_fmt(rows[0][9])}, "
                      f"attack success {_fmt(rows[0][10])}")
-    lines += _robustness_lines(conn, exp)
-    lines += _regimes_lines(conn, exp)
-    lines += _smallify_lines(conn, exp)
-    return "\n".join(lines)
+    return "\n".join(lines + study)
 
 
 def _smallify_lines(conn, exp: str) -> list[str]:
@@ -105,3 +105,22 @@ def _robustness_lines(conn, exp: str) -> list[str]:
             out.append(f"    {scheme:<8} eps_train {et:<6g} K={k}: natural {_fmt(nat)}")
         out[-1] += f", @{ee:g} {_fmt(rob)}"
     return out
+
+
+def _threedb_lines(conn, exp: str) -> list[str]:
+    """The 3DB study's accuracy over its renders and per object, where it ran."""
+    if not _has(conn, "threedb_results"):
+        return []
+    rows = conn.execute("SELECT object, avg(is_correct::INT), count(*) FROM threedb_results WHERE experiment = ? "
+                        "GROUP BY object ORDER BY object", [exp]).fetchall()
+    if not rows:
+        return []
+    total = sum(n for *_, n in rows)
+    acc = sum(a * n for _, a, n in rows) / total
+    return [f"  threedb ({total} renders): accuracy {_fmt(acc)}; by object "
+            + ", ".join(f"{o} {_fmt(a)}" for o, a, _ in rows)]
+
+
+# every study's lines, in the report's order
+STUDY_LINES = (_robustness_lines, _regimes_lines, _smallify_lines, _threedb_lines)
+

@@ -462,6 +462,55 @@ class SmallifySpec(_Section):
         return self
 
 
+class ThreeDBSpec(_Section):
+    """The 3DB study (ops/threedb_study.py): render objects under controlled variations (a 3DB-style
+    config) and find where a model fails."""
+    config: Union[str, dict]                 # a 3DB-style YAML file (ops/threedb.py) or the config inline
+    model: str = "rendered"                  # "rendered": train ``arch`` on rendered objects; or
+                                             # "torchvision.<name>" loading ``weights`` from disk
+    weights: Optional[str] = None            # the torchvision model's state dict (safetensors, or a
+                                             # torch file loaded with weights_only)
+    label_map: Optional[dict[str, int]] = None   # object -> the model's output index (when its outputs
+                                                 # are not the config's classes, e.g. ImageNet)
+    arch: str = "small_cnn"                  # "rendered": the classifier (kernels/models.py)
+    hidden: int = Field(32, gt=0)
+    train_images: int = Field(3000, gt=0)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.05, gt=0)
+    chunk: int = Field(128, gt=0)            # render jobs per dynamic op
+    heatmaps: Optional[list[tuple[str, str]]] = None   # pairs of "control.param"; default every pair of
+                                                       # the searched continuous parameters (at most 6)
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v):
+        from ops.threedb import ThreeDBConfigError, load_config, parse_config
+
+        try:
+            if isinstance(v, str):
+                path = user_path(v)
+                load_config(path)
+                return str(path)
+            parse_config(v, "<inline>")
+            return v
+        except ThreeDBConfigError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v):
+        return _absolute(v)
+
+    @model_validator(mode="after")
+    def _model(self):
+        if self.model != "rendered" and not self.model.startswith("torchvision."):
+            raise ValueError(f"model: must be 'rendered' or 'torchvision.<name>', got {self.model!r}")
+        if self.model != "rendered" and self.weights is None:
+            raise ValueError("weights: a torchvision model needs its weights on disk (nothing is downloaded)")
+        return self
+
+
 class Spec(_Section):
     name: str
     description: str = ""
@@ -479,6 +528,7 @@ class Spec(_Section):
     robustness: Optional[RobustnessSpec] = None     # a study: absent, it does not run
     regimes: Optional[RegimesSpec] = None           # a study
     smallify: Optional[SmallifySpec] = None         # a study
+    threedb: Optional[ThreeDBSpec] = None           # a study
 
     @field_validator("inbox")
     @classmethod
@@ -507,7 +557,11 @@ class Spec(_Section):
         return self
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """What the spec says, hashed: fields left at their defaults are left out, so a field or
+        section added to the schema later (with a default) changes no existing spec's digest (a
+        run pinned before such a change still finds its pin)."""
+        body = self.model_dump(mode="json", exclude_defaults=True)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_errors(where: str, err: ValidationError) -> str:

@@ -36,6 +36,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "robustness": ("robustness",),      # a study's section: read by its first asset
     "regimes": ("regimes",),
     "smallify": ("smallify",),
+    "threedb": ("threedb",),
 }
 
 SOURCE = "dataset_source"
@@ -55,6 +56,7 @@ READERS: dict[str, str] = {
     "spec/robustness": "robust_models",
     "spec/regimes": "regimes_runs",
     "spec/smallify": "smallify_runs",
+    "spec/threedb": "threedb_model",
 }
 
 
@@ -65,6 +67,14 @@ def _digest(obj) -> str:
 def section_digests(spec: Spec) -> dict[str, str]:
     """``{"spec/<section>": digest}`` for every section of ``SECTIONS``."""
     body = spec.model_dump(mode="json")
+    if spec.threedb is not None and isinstance(spec.threedb.config, str):
+        # a 3DB config named by path: its content (with its base configs) is part of the section
+        from ops.threedb import ThreeDBConfigError, load_config_dict
+
+        try:
+            body["threedb"] = {**body["threedb"], "config_content": load_config_dict(spec.threedb.config)}
+        except (OSError, ThreeDBConfigError):
+            pass
     return {f"spec/{s}": _digest({f: body[f] for f in fields}) for s, fields in SECTIONS.items()}
 
 

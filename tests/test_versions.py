@@ -201,3 +201,23 @@ def test_the_observe_job_records_the_same_digests_as_the_sensor(tmp_path):
         result = defs.resolve_job_def("observe_sources_job").execute_in_process(partition_key="o", instance=instance)
         assert result.success
         assert recorded_versions(instance, "o") == versions(load_spec_file(tmp_path / "exp" / "o.yaml"))
+
+
+def test_a_section_added_to_the_schema_changes_no_digest(monkeypatch):
+    """A run pinned before a new optional section (or a new field with a default) was added keeps
+    its pin: the digest covers what the spec says, not the schema's defaults."""
+    from ops import spec as S
+
+    spec = S.parse_spec({"name": "d", "seed": 3, "training": {"epochs": 2}})
+    before = spec.digest()
+    explicit = S.parse_spec({"name": "d", "seed": 3, "training": {"epochs": 2, "batch_size": spec.training.batch_size}})
+    assert explicit.digest() == before                      # defaults spelled out: the same spec
+    assert S.parse_spec({"name": "d", "seed": 4, "training": {"epochs": 2}}).digest() != before
+    fields = dict(S.Spec.model_fields)
+    from typing import Optional
+
+    from pydantic import create_model
+
+    Wider = create_model("Wider", __base__=S.Spec, future_study=(Optional[dict], None))
+    assert Wider(**spec.model_dump()).digest() == before
+    assert set(fields) == set(S.Spec.model_fields)
