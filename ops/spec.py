@@ -476,8 +476,8 @@ class ThreeDBSpec(_Section):
     hidden: int = Field(32, gt=0)
     train_images: int = Field(3000, gt=0)
     epochs: int = Field(10, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.05, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.02, gt=0)            # 0.05 (batch 128) left the 64 px classifier at chance
     chunk: int = Field(128, gt=0)            # render jobs per dynamic op
     heatmaps: Optional[list[tuple[str, str]]] = None   # pairs of "control.param"; default every pair of
                                                        # the searched continuous parameters (at most 6)
@@ -511,6 +511,157 @@ class ThreeDBSpec(_Section):
         return self
 
 
+class PhotoGuardEncoderSpec(_Section):
+    """The encoder attack (PhotoGuard's ``pgd``): l_inf PGD of the VAE encoder's latent towards a target."""
+    eps: float = Field(0.06, gt=0, le=2)            # l_inf budget, pixels in [-1, 1] (0.06 ~ 8/255 on [0, 1])
+    step: float = Field(0.01, gt=0)                 # first step; decays linearly to step / 100
+    iters: int = Field(200, gt=0)
+    target: Literal["gray", "zero"] = "gray"        # latent target: the encoding of a gray image (app.py), or 0
+
+
+class PhotoGuardDiffusionSpec(_Section):
+    """The diffusion attack (``super_l2`` / ``super_linf``): PGD through a few-step copy of the
+    inpainting loop towards a gray edit, averaged over ``grad_reps`` noise draws."""
+    norm: Literal["l2", "linf"] = "l2"
+    eps: Optional[float] = Field(None, gt=0)        # default l2: 16 * image_size / 512 (the paper's 16 at
+                                                    # 512 px), linf: 0.1
+    step: Optional[float] = Field(None, gt=0)       # default l2: image_size / 512, linf: 0.006
+    iters: int = Field(50, gt=0)                    # the paper: 200
+    grad_reps: int = Field(4, gt=0)                 # the paper: 10
+    num_steps: int = Field(4, gt=0)                 # DDIM steps of the attacked loop
+    guidance: float = Field(7.5, ge=0)
+    eta: float = Field(1.0, ge=0, le=1)
+    label: Literal["null", "condition"] = "null"    # the class the attacked loop is guided to: the null class
+                                                    # (the paper's empty prompt) or the edit's own
+    rep_chunk: Optional[int] = Field(None, gt=0)    # draws per forward/backward pass (memory; default all)
+
+
+class PhotoGuardEditSpec(_Section):
+    """The edits the immunization is meant to spoil: DDIM inpainting (app.py's settings)."""
+    num_steps: int = Field(100, gt=0)
+    guidance: float = Field(7.5, ge=0)
+    eta: float = Field(1.0, ge=0, le=1)
+    strength: float = Field(1.0, gt=0, le=1)        # < 1: start from the image's latents noised this far
+
+
+class PhotoGuardSpec(_Section):
+    """The PhotoGuard study (ops/photoguard.py): immunize images against diffusion inpainting (the
+    encoder and the diffusion attack, against a random-noise baseline at the same budget), edit
+    clean and immunized images, compare the edits.  The models are trained here (a small VAE, a
+    class-conditioned latent inpainting UNet, a classifier for FID features and agreement) unless
+    ``checkpoint`` names a diffusers inpainting folder (e.g. Stable Diffusion inpainting)."""
+    image_size: int = Field(32, ge=16)              # images are made square at this side (a multiple of 8)
+    checkpoint: Optional[str] = None                # a diffusers inpainting folder (vae/, unet/, scheduler/):
+                                                    # used as it is, nothing is trained but the classifier
+    context: Optional[str] = None                   # with a text-conditioned checkpoint: a .npy [1, L, D] text
+                                                    # embedding to condition on (default zeros: unconditional)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"   # the models' dtype (float16 on a GPU)
+    variant: Optional[str] = None                   # checkpoint weight variant, e.g. fp16
+    images: Optional[str] = None                    # a folder of the user's own images to immunize (default:
+                                                    # the experiment's test split)
+    n_images: int = Field(16, ge=2)                 # images immunized and edited
+    condition: Union[Literal["own"], int] = "own"   # the class edits are conditioned on: each image's own,
+                                                    # or one class for all
+    mask: Literal["center", "random"] = "center"    # the region the editor repaints (the rest is immunized)
+    mask_frac: float = Field(0.5, gt=0, lt=1)       # its side as a fraction of the image's (random: on average)
+    noise_eps: Optional[float] = Field(None, gt=0)  # the random-noise baseline's l_inf budget (default encoder.eps)
+    vae_channels: list[int] = [32, 64]              # the trained VAE's block widths (each after the first halves)
+    unet_channels: list[int] = [32, 64]             # the trained UNet's block widths
+    train_images: Optional[int] = Field(None, gt=0)  # training images for the models (default the whole split)
+    vae_steps: int = Field(600, ge=0)
+    unet_steps: int = Field(2000, ge=0)
+    batch_size: int = Field(32, gt=0)               # VAE and UNet training batches
+    vae_lr: float = Field(1e-3, gt=0)
+    unet_lr: float = Field(5e-4, gt=0)
+    classifier_epochs: int = Field(4, gt=0)         # the local classifier (kernels.models small_cnn)
+    classifier_hidden: int = Field(32, gt=0)
+    quality_images: int = Field(100, ge=2)          # held-out images the models' quality is measured on
+    batch: int = Field(8, gt=0)                     # images attacked at once
+    encoder: PhotoGuardEncoderSpec = PhotoGuardEncoderSpec()
+    diffusion: PhotoGuardDiffusionSpec = PhotoGuardDiffusionSpec()
+    edit: PhotoGuardEditSpec = PhotoGuardEditSpec()
+
+    @field_validator("image_size")
+    @classmethod
+    def _side(cls, v):
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v):
+        if v is None:
+            return v
+        path = user_path(v)
+        if not path.is_dir():
+            raise ValueError(f"no such folder {path}")
+        missing = [d for d in ("vae", "unet", "scheduler") if not (path / d).is_dir()]
+        if missing:
+            raise ValueError(f"{path} is not a diffusers inpainting folder: no {', '.join(f'{d}/' for d in missing)}")
+        return str(path)
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, v):
+        if v is None:
+            return v
+        path = user_path(v)
+        if not path.is_file():
+            raise ValueError(f"no such file {path}")
+        return str(path)
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v):
+        if v is None:
+            return v
+        from ops.sources import IMAGE_SUFFIXES
+
+        path = user_path(v)
+        if not path.is_dir():
+            raise ValueError(f"no such folder {path}")
+        if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir() if f.is_file()):
+            raise ValueError(f"{path} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return str(path)
+
+    @field_validator("condition", mode="before")
+    @classmethod
+    def _condition(cls, v):
+        if v != "own" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"must be 'own' or a class index >= 0, got {v!r}")
+        return v
+
+    @field_validator("vae_channels", "unet_channels")
+    @classmethod
+    def _channels(cls, v):
+        if not v or any(c < 8 or c % 8 for c in v):
+            raise ValueError(f"must be a non-empty list of widths that are multiples of 8, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.context is not None and self.checkpoint is None:
+            raise ValueError("context: only a checkpoint's text-conditioned UNet reads a context")
+        if self.variant is not None and self.checkpoint is None:
+            raise ValueError("variant: names a checkpoint's weight files; set checkpoint")
+        return self
+
+    @property
+    def diffusion_eps(self) -> float:
+        d = self.diffusion
+        return d.eps if d.eps is not None else (16 * self.image_size / 512 if d.norm == "l2" else 0.1)
+
+    @property
+    def diffusion_step(self) -> float:
+        d = self.diffusion
+        return d.step if d.step is not None else (self.image_size / 512 if d.norm == "l2" else 0.006)
+
+    @property
+    def noise_budget(self) -> float:
+        return self.noise_eps if self.noise_eps is not None else self.encoder.eps
+
+
 class Spec(_Section):
     name: str
     description: str = ""
@@ -529,6 +680,7 @@ class Spec(_Section):
     regimes: Optional[RegimesSpec] = None           # a study
     smallify: Optional[SmallifySpec] = None         # a study
     threedb: Optional[ThreeDBSpec] = None           # a study
+    photoguard: Optional[PhotoGuardSpec] = None     # a study
 
     @field_validator("inbox")
     @classmethod
@@ -692,8 +844,26 @@ def _write_exclusive(path: Path, text: str) -> bool:
 def pin_spec(spec: Spec, pins: str | os.PathLike) -> str:
     """Snapshots ``spec``; returns its digest (the run tag's value)."""
     digest = spec.digest()
-    _write_exclusive(Path(pins) / ".pins" / spec.name / f"{digest}.json", spec.model_dump_json(indent=1))
+    path = Path(pins) / ".pins" / spec.name / f"{digest}.json"
+    # what the spec says, as the digest covers it: defaults are the code's (a default changed by a
+    # code update applies to a pinned run as to any other)
+    text = spec.model_dump_json(indent=1, exclude_defaults=True)
+    if not _write_exclusive(path, text) and not _pin_matches(path, digest):
+        # a pin written in another format under the same digest (before digests left defaults out)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
     return digest
+
+
+def _pin_matches(path: Path, digest: str) -> bool:
+    try:
+        return parse_spec(json.loads(path.read_text()), str(path)).digest() == digest
+    except (ValueError, SpecError, OSError):
+        return False
 
 
 def load_pinned(name: str, digest: str, pins: str | os.PathLike) -> Spec:

@@ -221,3 +221,16 @@ def test_a_section_added_to_the_schema_changes_no_digest(monkeypatch):
     Wider = create_model("Wider", __base__=S.Spec, future_study=(Optional[dict], None))
     assert Wider(**spec.model_dump()).digest() == before
     assert set(fields) == set(S.Spec.model_fields)
+
+
+def test_a_stale_pin_under_the_same_digest_is_rewritten(tmp_path):
+    """A pin written in an older format (or damaged) under a digest is replaced when the spec is
+    pinned again, so the new run finds a pin that matches its digest."""
+    spec = parse_spec({"name": "p", "seed": 2})
+    digest = pin_spec(spec, tmp_path / "pins")
+    path = tmp_path / "pins" / ".pins" / "p" / f"{digest}.json"
+    path.write_text(parse_spec({"name": "p", "seed": 5}).model_dump_json())
+    with pytest.raises(SpecError, match="does not match its digest"):
+        load_pinned("p", digest, tmp_path / "pins")
+    assert pin_spec(spec, tmp_path / "pins") == digest
+    assert load_pinned("p", digest, tmp_path / "pins") == spec
