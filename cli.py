@@ -154,6 +154,13 @@ def cmd_run(args) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2
+    if args.study:
+        from assets.studies import STUDIES, named
+
+        if args.study not in named(spec):
+            print(f"--study {args.study}: the spec names {', '.join(named(spec)) or 'no study'} (studies: "
+                  f"{', '.join(STUDIES)})", file=sys.stderr)
+            return 2
     from resources import DeviceError, resolve_device
 
     if args.device:
@@ -191,15 +198,11 @@ def cmd_run(args) -> int:
     from assets.studies import named, selection_for
 
     selection = _selection(instance, spec) if args.stale else selection_for(spec)
-    if args.study:     # only that study and what it reads
+    if args.study:     # only that study and what it reads (checked before anything was written)
         from dagster import AssetSelection
 
         from assets.studies import STUDIES, unnamed_keys
 
-        if args.study not in named(spec):
-            print(f"--study {args.study}: the spec names {named(spec) or 'no study'} (studies: "
-                  f"{', '.join(STUDIES)})", file=sys.stderr)
-            return 2
         selection = AssetSelection.groups(STUDIES[args.study][0]).upstream() - AssetSelection.assets(*unnamed_keys(spec))
     if named(spec):
         print(f"{spec.name}: with the studies {', '.join(named(spec))}", file=sys.stderr)

@@ -39,3 +39,14 @@ def test_run_prints_the_report_and_sql_reads_the_warehouse(tmp_path):
     bad = subprocess.run([sys.executable, "cli.py", "sql", "SELECT * FROM nope"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "nope" in bad.stderr
+
+
+def test_run_study_refuses_a_study_the_spec_does_not_name(tmp_path):
+    p = tmp_path / "plain.yaml"
+    p.write_text(yaml.safe_dump({"seed": 1}))
+    env = {**os.environ, "PROVENANCE_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "cli.py", "run", str(p), "--study", "smallify"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "--study smallify: the spec names no study" in out.stderr
+    assert not (tmp_path / "home").exists()                  # refused before anything was written
