@@ -6,6 +6,9 @@ names; everything else about a study lives in its own modules.
 """
 from dagster import AssetKey, AssetSelection
 
+from assets.photoguard import ASSETS as PHOTOGUARD_ASSETS
+from assets.photoguard import GROUP as PHOTOGUARD_GROUP
+from assets.photoguard import photoguard_job
 from assets.regimes import ASSETS as REGIMES_ASSETS
 from assets.regimes import GROUP as REGIMES_GROUP
 from assets.regimes import regimes_job
@@ -25,6 +28,7 @@ STUDIES = {
     "regimes": (REGIMES_GROUP, REGIMES_ASSETS, regimes_job),
     "smallify": (SMALLIFY_GROUP, SMALLIFY_ASSETS, smallify_job),
     "threedb": (THREEDB_GROUP, THREEDB_ASSETS, threedb_job),
+    "photoguard": (PHOTOGUARD_GROUP, PHOTOGUARD_ASSETS, photoguard_job),
 }
 STUDY_ASSETS = [a for _, assets, _ in STUDIES.values() for a in assets]
 STUDY_JOBS = [job for _, _, job in STUDIES.values()]

@@ -121,6 +121,45 @@ def _threedb_lines(conn, exp: str) -> list[str]:
             + ", ".join(f"{o} {_fmt(a)}" for o, a, _ in rows)]
 
 
+def _photoguard_lines(conn, exp: str) -> list[str]:
+    """The PhotoGuard study, where it ran: each edit against the clean image's edit per
+    immunization, the paper's ordering per metric, and the models' quality."""
+    if not _has(conn, "photoguard_metrics"):
+        return []
+    rows = conn.execute("SELECT method, images, psnr, ssim, fid, agreement, linf, l2, seconds_per_image "
+                        "FROM photoguard_metrics WHERE experiment = ? ORDER BY CASE method WHEN 'clean' THEN 0 "
+                        "WHEN 'reseed' THEN 1 WHEN 'noise' THEN 2 WHEN 'encoder' THEN 3 ELSE 4 END", [exp]).fetchall()
+    if not rows:
+        return []
+    out = [f"  photoguard ({rows[0][1]} images; edits against the edit of the clean image):"]
+    for method, _, psnr, ssim, fid, agree, linf, l2, secs in rows:
+        line = f"    {method:<9} PSNR {_fmt(psnr, 2)} dB, SSIM {_fmt(ssim)}, FID {_fmt(fid, 2)}, agreement {_fmt(agree)}"
+        if secs is not None:
+            line += f"; l_inf {linf:.3f}, l2 {l2:.3f}, {secs:.2f} s per image"
+        out.append(line)
+    order = conn.execute("SELECT metric, held FROM photoguard_ordering WHERE experiment = ?", [exp]).fetchall()
+    held = [m for m, h in order if h]
+    missed = [m for m, h in order if not h]
+    out.append("    noise < encoder < diffusion (disruption): "
+               + (f"held on {', '.join(held)}" if held else "held on no metric")
+               + (f"; not on {', '.join(missed)}" if missed else ""))
+    if _has(conn, "photoguard_models"):
+        q = dict(((m, k), (v, c)) for m, k, v, c in conn.execute(
+            "SELECT model, metric, value, chance FROM photoguard_models WHERE experiment = ?", [exp]).fetchall())
+        parts = []
+        if ("vae", "reconstruction_psnr") in q:
+            parts.append(f"VAE reconstruction {_fmt(q['vae', 'reconstruction_psnr'][0], 2)} dB")
+        for key, what in (("generation_agreement", "generations"), ("inpaint_agreement", "inpaintings")):
+            v, c = q.get(("unet", key), (None, None))
+            if v is not None:
+                parts.append(f"{what} recognized as their class {_fmt(v)} (chance {_fmt(c)})")
+        if ("classifier", "test_accuracy") in q:
+            parts.append(f"classifier accuracy {_fmt(q['classifier', 'test_accuracy'][0])}")
+        if parts:
+            out.append("    models: " + ", ".join(parts))
+    return out
+
+
 # every study's lines, in the report's order
-STUDY_LINES = (_robustness_lines, _regimes_lines, _smallify_lines, _threedb_lines)
+STUDY_LINES = (_robustness_lines, _regimes_lines, _smallify_lines, _threedb_lines, _photoguard_lines)
 

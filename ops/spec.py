@@ -568,11 +568,11 @@ class PhotoGuardSpec(_Section):
     vae_channels: list[int] = [32, 64]              # the trained VAE's block widths (each after the first halves)
     unet_channels: list[int] = [32, 64]             # the trained UNet's block widths
     train_images: Optional[int] = Field(None, gt=0)  # training images for the models (default the whole split)
-    vae_steps: int = Field(600, ge=0)
-    unet_steps: int = Field(2000, ge=0)
+    vae_steps: int = Field(500, ge=0)
+    unet_steps: int = Field(1500, ge=0)
     batch_size: int = Field(32, gt=0)               # VAE and UNet training batches
     vae_lr: float = Field(1e-3, gt=0)
-    unet_lr: float = Field(5e-4, gt=0)
+    unet_lr: float = Field(2e-4, gt=0)
     classifier_epochs: int = Field(4, gt=0)         # the local classifier (kernels.models small_cnn)
     classifier_hidden: int = Field(32, gt=0)
     quality_images: int = Field(100, ge=2)          # held-out images the models' quality is measured on

@@ -37,6 +37,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "regimes": ("regimes",),
     "smallify": ("smallify",),
     "threedb": ("threedb",),
+    "photoguard": ("photoguard",),
 }
 
 SOURCE = "dataset_source"
@@ -57,6 +58,7 @@ READERS: dict[str, str] = {
     "spec/regimes": "regimes_runs",
     "spec/smallify": "smallify_runs",
     "spec/threedb": "threedb_model",
+    "spec/photoguard": "photoguard_models",
 }
 
 
@@ -75,7 +77,26 @@ def section_digests(spec: Spec) -> dict[str, str]:
             body["threedb"] = {**body["threedb"], "config_content": load_config_dict(spec.threedb.config)}
         except (OSError, ThreeDBConfigError):
             pass
+    if spec.photoguard is not None:
+        # the user's images and checkpoint named by path: their files' names, sizes and times are part
+        # of the section (stat only: a checkpoint's weights are gigabytes)
+        body["photoguard"] = {**body["photoguard"], "files": _stat_listing(spec.photoguard.images) +
+                              _stat_listing(spec.photoguard.checkpoint) + _stat_listing(spec.photoguard.context)}
     return {f"spec/{s}": _digest({f: body[f] for f in fields}) for s, fields in SECTIONS.items()}
+
+
+def _stat_listing(path: str | None) -> list:
+    """(relative name, size, mtime) of a file or of every file under a folder; [] for None or a
+    path that is gone (the spec's validation refuses that anyway)."""
+    if path is None:
+        return []
+    root = Path(path)
+    try:
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        return [[f.relative_to(root).as_posix() if f != root else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                for f in files]
+    except OSError:
+        return []
 
 
 # ------------------------------------------------------------------ the dataset's files

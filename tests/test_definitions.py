@@ -19,7 +19,7 @@ def test_definitions_load_with_the_whole_lineage():
                     # the sources every stage depends on (assets/sources.py)
                     "dataset_source", "spec/dataset", "spec/attack", "spec/subsets", "spec/training", "spec/trak",
                     "spec/datamodels", "spec/lds", "spec/detector", "spec/other", "spec/robustness", "spec/regimes",
-                    "spec/smallify", "spec/threedb",
+                    "spec/smallify", "spec/threedb", "spec/photoguard",
                     # the robustness study (assets/robustness.py)
                     "robust_models", "robustness_eval", "neural_response", "robustness_warehouse",
                     # the two-regimes study (assets/regimes.py)
@@ -27,7 +27,9 @@ def test_definitions_load_with_the_whole_lineage():
                     # the Smallify study (assets/smallify.py)
                     "smallify_runs", "smallify_warehouse",
                     # the 3DB study (assets/threedb.py)
-                    "threedb_model", "threedb_results", "threedb_warehouse"}
+                    "threedb_model", "threedb_results", "threedb_warehouse",
+                    # the PhotoGuard study (assets/photoguard.py)
+                    "photoguard_models", "photoguard_immunize", "photoguard_edits", "photoguard_warehouse"}
     assert {j.name for j in defs.resolve_all_job_defs()} >= {"lineage_job", "score_queries_job", "robustness_job"}
     study = defs.resolve_job_def("robustness_job")
     assert {k.to_user_string() for k in study.asset_layer.executable_asset_keys} == {
