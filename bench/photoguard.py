@@ -96,8 +96,14 @@ def report(name: str, spec: dict, out: dict, threads: int) -> tuple[list, list]:
     case = f"{spec['dataset']['source']}-{side}px-{name}"
     print(f"\n== {name}: PhotoGuard on {spec['dataset']['source']} at {side}x{side}, {metrics['images'][0]} images, "
           f"torch threads {threads} ({out['seconds']:.0f}s in all)")
-    print("budgets: " + json.dumps({k: spec["photoguard"].get(k) for k in ("noise_eps", "encoder", "diffusion")
-                                    if k in spec["photoguard"]}))
+    from ops.spec import parse_spec
+
+    s = parse_spec({"name": "x", **spec}).photoguard
+    d = s.diffusion
+    print(f"budgets: noise l_inf {s.noise_budget:g}; encoder l_inf {s.encoder.eps:g} (step {s.encoder.step:g}, "
+          f"{s.encoder.iters} iterations); diffusion {d.norm} {s.diffusion_eps:g} (step {s.diffusion_step:g}, "
+          f"{d.iters} iterations, {d.grad_reps} draws, {d.num_steps} DDIM steps); edits {s.edit.num_steps} DDIM "
+          f"steps, guidance {s.edit.guidance:g}")
     print("\nmodels:")
     print(markdown(models, digits=4))
     print("\nedits against the edit of the clean image (psnr dB, ssim, fid on the classifier's features, "

@@ -133,7 +133,8 @@ def _photoguard_lines(conn, exp: str) -> list[str]:
         return []
     out = [f"  photoguard ({rows[0][1]} images; edits against the edit of the clean image):"]
     for method, _, psnr, ssim, fid, agree, linf, l2, secs in rows:
-        line = f"    {method:<9} PSNR {_fmt(psnr, 2)} dB, SSIM {_fmt(ssim)}, FID {_fmt(fid, 2)}, agreement {_fmt(agree)}"
+        line = (f"    {method:<9} PSNR {_fmt(psnr, 2)} dB, SSIM {_fmt(ssim)}, FID {_fmt(fid, 4)}, "
+                f"agreement {_fmt(agree)}")
         if secs is not None:
             line += f"; l_inf {linf:.3f}, l2 {l2:.3f}, {secs:.2f} s per image"
         out.append(line)

@@ -181,7 +181,8 @@ def test_a_checkpoint_on_disk_immunizes_the_users_images(tmp_path):
                               "ORDER BY model, metric").fetchall()
         names = conn.execute("SELECT DISTINCT image, name, label, condition, predicted FROM photoguard_images "
                              "ORDER BY image").fetchall()
-        metrics = {r[0]: r[1:] for r in conn.execute("SELECT method, psnr, fid, agreement FROM photoguard_metrics").fetchall()}
+        metrics = {r[0]: r[1:] for r in conn.execute(
+            "SELECT method, psnr, fid, agreement FROM photoguard_metrics").fetchall()}
     assert [m[:4] for m in models] == [("unet", "checkpoint", 0, 0.0)] * 2 + [("vae", "checkpoint", 0, 0.0)]
     assert [m[5] is None for m in models] == [True, True, False]          # no classifier: no agreement
     assert names == [(0, "a.png", None, None, None), (1, "b.png", None, None, None), (2, "c.jpg", None, None, None)]
