@@ -203,7 +203,10 @@ def cmd_run(args) -> int:
 
         from assets.studies import STUDIES, unnamed_keys
 
-        selection = AssetSelection.groups(STUDIES[args.study][0]).upstream() - AssetSelection.assets(*unnamed_keys(spec))
+        # upstream() alone can split a multi-asset (training_set without poison_truth): take its
+        # required neighbours too
+        selection = (AssetSelection.groups(STUDIES[args.study][0]).upstream().required_multi_asset_neighbors()
+                     - AssetSelection.assets(*unnamed_keys(spec)))
     if named(spec):
         print(f"{spec.name}: with the studies {', '.join(named(spec))}", file=sys.stderr)
     if selection == []:

@@ -50,3 +50,21 @@ def test_run_study_refuses_a_study_the_spec_does_not_name(tmp_path):
     assert out.returncode == 2
     assert "--study smallify: the spec names no study" in out.stderr
     assert not (tmp_path / "home").exists()                  # refused before anything was written
+
+
+def test_run_study_runs_that_study_and_what_it_reads(tmp_path):
+    """`--study regimes`: the data stages it reads (training_set with its sibling poison_truth) and
+    the study, not the core's models or attributions; the report shows the study only."""
+    p = tmp_path / "reg_cli.yaml"
+    p.write_text(yaml.safe_dump({"seed": 1, "dataset": {"source": "digits", "limit_train": 200, "limit_test": 60},
+                                 "model": {"arch": "mlp", "hidden": 16}, "training": {"epochs": 1},
+                                 "regimes": {"schedules": ["step"], "seeds": 1, "momenta": [0.5],
+                                             "equivalence_epochs": 1}}))
+    env = {**os.environ, "PROVENANCE_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "cli.py", "run", str(p), "--study", "regimes", "--log-level", "WARNING"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "provenance report: experiment reg_cli (studies only)" in out.stdout and "regimes (" in out.stdout
+    artifacts = tmp_path / "home" / "artifacts" / "reg_cli"
+    assert (artifacts / "training_set").is_dir() and (artifacts / "regimes_runs").is_dir()
+    assert not (artifacts / "checkpoints").exists()
