@@ -263,7 +263,23 @@ def egl_status() -> Optional[str]:
     return _EGL_STATUS["status"]
 
 
-class _EGLRenderer:
+class _Closing:
+    """close() on leaving a with-block and on garbage collection."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class _EGLRenderer(_Closing):
     """The 3D stage in this process: one EGL context; each (object, texture) mesh uploaded the first
     time it is drawn.  Used only inside a render server process (:class:`Renderer`): a process that
     has initialized Mesa's EGL crashes in PyTorch's CPU kernels afterwards (measured: a plain conv
@@ -353,17 +369,6 @@ class _EGLRenderer:
         # pyrender's own __del__ would terminate the shared display: leave it nothing to act on
         platform._egl_context = platform._egl_display = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:   # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 def _serve(conn, size: int) -> None:
@@ -392,7 +397,7 @@ def _serve(conn, size: int) -> None:
         r.close()
 
 
-class Renderer:
+class Renderer(_Closing):
     """Renders :class:`SceneParams` at ``size`` x ``size``.  Create it once: the 3D stage runs in a
     render server process (spawned, holding one EGL context and the uploaded meshes) and the 2D
     stages here; ``render`` returns uint8 (H, W, 3), ``render_many`` (N, H, W, 3), the 2D stages
@@ -480,17 +485,6 @@ class Renderer:
                 proc.kill()
                 proc.join()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:   # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 # ------------------------------------------------------------------ 2D stages

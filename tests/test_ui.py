@@ -27,18 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 BIN = Path(sys.executable).parent
 EXP = "uitest"
-SPEC = {       # small enough that the whole lineage runs in about two minutes on 2 cores
-    "seed": 1,
-    "dataset": {"source": "digits", "limit_train": 300, "limit_test": 60},
-    "attack": {"kind": "badnets", "target_class": 0, "poison_count": 20, "patch_size": 3},
-    "model": {"arch": "mlp", "hidden": 32},
-    "training": {"epochs": 6, "batch_size": 32},
-    "subsets": {"num_models": 16, "num_heldout": 6},
-    "trak": {"num_models": 3, "proj_dim": 32, "top_k": 5},
-    "datamodels": {"n_lambdas": 3, "tol": 1e-4},
-    "detector": {"restarts": 8},
-    "lds": {"min_heldout": 5, "bootstrap": 50},
-}
+from tests.test_daemon import SPEC   # noqa: E402  small enough that the whole lineage runs in about two minutes
 # the core lineage up to the backdoor report, as the asset graph must show it
 LINEAGE = ["raw_dataset", "training_set", "poison_truth", "loader_files", "subset_masks", "checkpoints",
            "gradient_features", "attribution_scores", "backdoor_report"]
