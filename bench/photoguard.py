@@ -2,13 +2,19 @@
 inpainting UNet trained here, images immunized by random noise, the encoder attack and the
 diffusion attack, edited, and each edit compared with the edit of the clean image.
 
-    python bench/photoguard.py              # Fashion-MNIST 10k, 32x32, 16 images; about 15-20 minutes on 2 cores
-    python bench/photoguard.py --factor 0   # the paper's budgets only
-    python bench/photoguard.py --quick      # digits at 16x16, tiny budgets: under a minute (plumbing only)
+    python bench/photoguard.py                 # Fashion-MNIST 10k, 32x32, 16 images; about 25 minutes on 2 cores
+    python bench/photoguard.py --factors ""    # the paper's budgets only
+    python bench/photoguard.py --quick         # digits at 16x16, tiny budgets: about a minute (plumbing only)
 
-Two settings: the paper's budgets scaled to 32 px (encoder l_inf 0.06, diffusion l2 16 * 32/512 = 1,
-noise at the encoder's l_inf), then the same trained models (``photoguard.checkpoint`` pointing at
-the first run's) with every budget and step times ``--factor`` (default 4).
+Settings: the paper's budgets scaled to 32 px (encoder l_inf 0.06, diffusion l2 16 * 32/512 = 1,
+noise at the encoder's l_inf); then, on the same trained models (``photoguard.checkpoint`` pointing
+at the first run's), every budget and step times each of ``--factors`` (default 4 and 16), and the
+diffusion attack under the encoder's own l_inf budget (``linf``, step 0.006 as the original's
+``super_linf``) at times 1 and 4, so that the two attacks are compared at equal l_inf as well.
+Besides the edits, each setting reports how far each attack got on its own objective
+(``encoder_reach``: the share of the way to the target latent; ``diffusion_drop``: how much the
+diffusion objective fell, on common noise) and the ``swap`` reference (the edit of another
+image's kept region), so a weak attack can be told from an editor that does not listen.
 
 Prints the models' quality (reconstruction PSNR; how often a locally trained classifier
 recognizes generations and inpaintings as their conditioning class, against chance), the metric
@@ -73,9 +79,13 @@ def run(spec: dict, tmp: Path) -> dict:
     return {**tables, "steps": steps, "seconds": time.perf_counter() - t0}
 
 
-def scaled(spec: dict, checkpoint: Path, factor: float) -> dict:
+LINF_STEP = 0.006        # the original's super_linf step (its eps is 0.1; here the encoder's eps)
+
+
+def scaled(spec: dict, checkpoint: Path, factor: float, linf: bool = False) -> dict:
     """The same study on the models ``spec``'s run trained (through ``photoguard.checkpoint``) with
-    every immunization budget and step times ``factor``."""
+    every immunization budget and step times ``factor``; with ``linf`` the diffusion attack is
+    l_inf PGD under the encoder attack's budget."""
     from ops.spec import parse_spec
 
     s = parse_spec({"name": "x", **spec}).photoguard
@@ -83,7 +93,12 @@ def scaled(spec: dict, checkpoint: Path, factor: float) -> dict:
     pg = out["photoguard"]
     pg.update(checkpoint=str(checkpoint), noise_eps=s.noise_budget * factor)
     pg["encoder"] = {**pg.get("encoder", {}), "eps": s.encoder.eps * factor, "step": s.encoder.step * factor}
-    pg["diffusion"] = {**pg.get("diffusion", {}), "eps": s.diffusion_eps * factor, "step": s.diffusion_step * factor}
+    if linf:
+        pg["diffusion"] = {**pg.get("diffusion", {}), "norm": "linf", "eps": s.encoder.eps * factor,
+                           "step": LINF_STEP * factor}
+    else:
+        pg["diffusion"] = {**pg.get("diffusion", {}), "eps": s.diffusion_eps * factor,
+                           "step": s.diffusion_step * factor}
     for k in ("vae_steps", "unet_steps"):
         pg.pop(k, None)
     return out
@@ -127,7 +142,8 @@ def report(name: str, spec: dict, out: dict, threads: int) -> tuple[list, list]:
             results.append({"case": case, "system": r["model"], "metric": r["metric"], "value": round(r["value"], 6),
                             "runs": 1})
     for r in metrics.iter_rows(named=True):
-        for m in ("psnr", "ssim", "fid", "agreement", "linf", "l2", "seconds_per_image"):
+        for m in ("psnr", "ssim", "fid", "agreement", "linf", "l2", "seconds_per_image", "encoder_reach",
+                  "diffusion_drop"):
             if r[m] is not None:
                 results.append({"case": case, "system": r["method"], "metric": m, "value": round(float(r[m]), 6),
                                 "runs": 1})
@@ -139,12 +155,36 @@ def report(name: str, spec: dict, out: dict, threads: int) -> tuple[list, list]:
     return results, ratios
 
 
+def summary(settings: list) -> None:
+    """One line per setting: each version's PSNR against the clean edit, each attack's progress on
+    its own objective, and the metrics the paper's ordering held on."""
+    import polars as pl
+
+    rows = []
+    for name, metrics, ordering in settings:
+        by = {r["method"]: r for r in metrics.iter_rows(named=True)}
+        row = {"setting": name}
+        for m in ("reseed", "swap", "noise", "encoder", "diffusion"):
+            row[f"psnr_{m}"] = by[m]["psnr"] if m in by else None
+        row["encoder_reach"] = by["encoder"]["encoder_reach"]
+        row["diffusion_drop"] = by["diffusion"]["diffusion_drop"]
+        row["l2_encoder"], row["l2_diffusion"] = by["encoder"]["l2"], by["diffusion"]["l2"]
+        held = ordering.filter(ordering["held"])["metric"].to_list()
+        row["ordering_held_on"] = ", ".join(held) or "none"
+        rows.append(row)
+    print("\n== all settings: PSNR (dB) of each edit against the clean image's edit (lower = more disrupted), "
+          "each attack's progress on its own objective, the metrics noise < encoder < diffusion held on")
+    print(markdown(pl.DataFrame(rows), digits=3))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--factor", type=float, default=4.0,
-                    help="the second setting's budgets, times the paper's (0: skip it)")
+    ap.add_argument("--factors", default="4,16",
+                    help="budget factors run on the trained models after the paper's budgets, comma-separated "
+                         "('' for none); the equal-l_inf diffusion settings run at 1 and the first factor")
     args = ap.parse_args()
+    factors = [float(f) for f in args.factors.split(",") if f.strip()]
     import torch
 
     from bench.results_file import write_results
@@ -153,17 +193,22 @@ def main() -> None:
     threads = torch.get_num_threads()
     results, ratios, config = [], [], {"settings": {}, "torch_threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
-        settings = [("paper_budgets", spec, Path(tmp) / "a")]
+        settings = [("paper_budgets", spec, Path(tmp) / "s0")]
+        done = []
         for i, (name, sp, where) in enumerate(settings):
             out = run(sp, where)
             r, q = report(name, sp, out, threads)
             results += r
             ratios += q
+            done.append((name, out["photoguard_metrics"], out["photoguard_ordering"]))
             config["settings"][name] = {"spec": sp, "total_seconds": round(out["seconds"], 1),
                                         "stage_seconds": {k: round(v, 1) for k, v in out["steps"].items()}}
-            if i == 0 and args.factor > 0:     # the same models, larger budgets (nothing trained again)
+            if i == 0 and factors:     # the same models, other budgets (nothing trained again)
                 model = where / "home" / "artifacts" / "pg" / "photoguard_models" / "model"
-                settings.append((f"budgets_x{args.factor:g}", scaled(spec, model, args.factor), Path(tmp) / "b"))
+                more = [(f"budgets_x{f:g}", scaled(spec, model, f)) for f in factors]
+                more += [(f"diffusion_linf_x{f:g}", scaled(spec, model, f, linf=True)) for f in (1.0, factors[0])]
+                settings += [(n, s_, Path(tmp) / f"s{k + 1}") for k, (n, s_) in enumerate(more)]
+        summary(done)
     write_results("photoguard", config, results, ratios, quick=args.quick)
 
 

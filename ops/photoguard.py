@@ -46,7 +46,7 @@ from ops.store import ArtifactStore
 
 MODELS, IMMUNIZE, EDITS = "photoguard_models", "photoguard_immunize", "photoguard_edits"
 METHODS = ("noise", "encoder", "diffusion")          # immunizations, in the paper's expected order
-EDITED = ("clean", "reseed", *METHODS)               # what is edited
+EDITED = ("clean", "reseed", "swap", *METHODS)       # what is edited
 # how each metric shows disruption of the edit (against the clean image's edit)
 DIRECTION = {"psnr": "lower", "ssim": "lower", "fid": "higher", "agreement": "lower"}
 # Table 1 of the paper [UNVERIFIED, shared/reference/seeds.md section 1]: compare orderings, not values
@@ -60,15 +60,16 @@ TABLES = {
         seconds DOUBLE, metric VARCHAR, value DOUBLE, chance DOUBLE, images INTEGER""",
     "photoguard_images": """experiment VARCHAR, image INTEGER, name VARCHAR, label INTEGER, condition INTEGER,
         method VARCHAR, psnr DOUBLE, ssim DOUBLE, predicted INTEGER, agrees BOOLEAN, linf DOUBLE, l2 DOUBLE,
-        seconds DOUBLE""",
+        seconds DOUBLE, encoder_objective DOUBLE, diffusion_objective DOUBLE""",
     "photoguard_metrics": """experiment VARCHAR, method VARCHAR, images INTEGER, psnr DOUBLE, ssim DOUBLE, fid DOUBLE,
-        agreement DOUBLE, linf DOUBLE, l2 DOUBLE, seconds_per_image DOUBLE""",
+        agreement DOUBLE, linf DOUBLE, l2 DOUBLE, seconds_per_image DOUBLE, encoder_reach DOUBLE,
+        diffusion_drop DOUBLE""",
     "photoguard_ordering": """experiment VARCHAR, metric VARCHAR, direction VARCHAR, noise DOUBLE, encoder DOUBLE,
         diffusion DOUBLE, held BOOLEAN""",
 }
 
 # random streams: one generator per image and purpose (kernels.photoguard.image_generators)
-_STREAMS = {"noise": 1, "encoder": 2, "diffusion": 3, "edit": 4, "reseed": 5, "quality": 6}
+_STREAMS = {"noise": 1, "encoder": 2, "diffusion": 3, "edit": 4, "reseed": 5, "quality": 6, "objective": 7}
 
 
 def _gens(spec: Spec, stream: str, n: int) -> list[torch.Generator]:
@@ -448,8 +449,7 @@ def photoguard_immunize(spec: Spec, store: ArtifactStore, exp: str, device, log:
     secs["noise"] = np.full(n, (time.perf_counter() - t0) / n)
 
     e = s.encoder
-    with torch.no_grad():
-        target = pg.encode_mean(vae, torch.zeros_like(xd[:1])) if e.target == "gray" else None
+    target = _encoder_target(vae, xd, e.target)
     gens = _gens(spec, "encoder", n)
     res, secs["encoder"] = _batched(
         lambda sl: pg.encoder_attack(vae, xd[sl], target, eps=e.eps, step=e.step, iters=e.iters, mask=md[sl],
@@ -498,6 +498,45 @@ def photoguard_immunize(spec: Spec, store: ArtifactStore, exp: str, device, log:
             "objective_first_last": objective}
 
 
+@torch.no_grad()
+def _encoder_target(vae, like: torch.Tensor, target: str) -> torch.Tensor | None:
+    """The encoder attack's target latent: the encoding of a gray image (app.py), or None for 0."""
+    from kernels import photoguard as pg
+
+    return pg.encode_mean(vae, torch.zeros_like(like[:1])) if target == "gray" else None
+
+
+def attack_objectives(spec: Spec, vae, unet, sched, versions: dict, masks: torch.Tensor, conds) -> dict:
+    """Each version's value of both attacks' own objectives, per image: the encoder attack's
+    ``||E(x' * (1 - mask)) - z_t||`` and the diffusion attack's ``mean_r ||f_r(x') - target||``
+    over ``diffusion.grad_reps`` draws of its few-step loop, with the same draws for every version
+    (common random numbers, so the versions differ only by their pixels).  How far an attack got
+    on its own objective tells a weak attack (it barely moved) from a weak effect on the edit (it
+    moved, and the edit did not follow)."""
+    from kernels import photoguard as pg
+
+    s = spec.photoguard
+    d = s.diffusion
+    p = next(vae.parameters())
+    md = masks.to(p.device, p.dtype)
+    target = _encoder_target(vae, versions["clean"].to(p.device, p.dtype), s.encoder.target)
+    labels = _label_arg(unet, conds) if d.label == "condition" else None
+    out = {}
+    for m, v in versions.items():
+        v = v.to(p.device, p.dtype)
+        gens = _gens(spec, "objective", len(v))            # fresh, identical draws for every version
+        enc, dif = [], []
+        for i in range(0, len(v), s.batch):
+            sl = slice(i, i + s.batch)
+            enc.append(pg.encoder_objective(vae, v[sl], target, md[sl]).float().cpu())
+            dif.append(pg.diffusion_objective(vae, unet, sched, v[sl], md[sl],
+                                              label=None if labels is None else labels[sl], reps=d.grad_reps,
+                                              num_steps=d.num_steps, guidance=d.guidance, eta=d.eta,
+                                              generator=gens[sl]).float().cpu())
+        out[m] = (torch.cat(enc).numpy(), torch.cat(dif).numpy())
+    return out
+
+
 def _size(delta: torch.Tensor, norm: str) -> torch.Tensor:
     flat = delta.flatten(1)
     return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
@@ -514,7 +553,9 @@ def photoguard_edits(spec: Spec, store: ArtifactStore, exp: str, device, log: Lo
     labels, conds = load("labels"), load("conditions")
     info = store.load_json(exp, IMMUNIZE, "images.json")
     n = len(x)
-    versions = {"clean": x, "reseed": x}
+    # swap: the next image's kept region under this image's mask, noise and class -- how much the
+    # edit depends on the kept region at all (what replacing it outright does)
+    versions = {"clean": x, "reseed": x, "swap": x.roll(1, 0)}
     versions.update({m: torch.from_numpy(load(m)).float() for m in METHODS})
     p = next(vae.parameters())
     edits, edit_secs = {}, {}
@@ -527,6 +568,9 @@ def photoguard_edits(spec: Spec, store: ArtifactStore, exp: str, device, log: Lo
         store.save_npy(exp, EDITS, f"edit_{m}.npy", edits[m].numpy())
         log(f"edited the {m} images ({edit_secs[m]:.2f} s per image)")
     ref = edits["clean"]
+    objectives = attack_objectives(spec, vae, unet, sched, {m: versions[m] for m in ("clean", *METHODS)}, masks,
+                                   conds)
+    enc0, dif0 = objectives["clean"]
     pred, feats = {}, {}
     if clf is not None:
         for m in EDITED:
@@ -537,6 +581,7 @@ def photoguard_edits(spec: Spec, store: ArtifactStore, exp: str, device, log: Lo
         ps = None if m == "clean" else pg.psnr(edits[m], ref).numpy()
         ss = None if m == "clean" else pg.ssim(edits[m], ref).numpy()
         sec = info["seconds"].get(m)
+        enc, dif = objectives.get(m, (None, None))
         for i in range(n):
             agrees = None if (clf is None or conds[i] < 0) else bool(pred[m][i] == conds[i])
             rows.append({"image": i, "name": info["names"][i], "label": None if labels[i] < 0 else int(labels[i]),
@@ -544,22 +589,33 @@ def photoguard_edits(spec: Spec, store: ArtifactStore, exp: str, device, log: Lo
                          "psnr": None if ps is None else float(ps[i]), "ssim": None if ss is None else float(ss[i]),
                          "predicted": None if clf is None else int(pred[m][i]), "agrees": agrees,
                          "linf": float(delta[i].abs().max()), "l2": float(delta[i].norm()),
-                         "seconds": None if sec is None else float(sec[i])})
+                         "seconds": None if sec is None else float(sec[i]),
+                         "encoder_objective": None if enc is None else float(enc[i]),
+                         "diffusion_objective": None if dif is None else float(dif[i]),
+                         "_reach": None if enc is None else float(1 - enc[i] / max(enc0[i], 1e-12)),
+                         "_drop": None if dif is None else float(1 - dif[i] / max(dif0[i], 1e-12))})
     images = pl.DataFrame(rows, schema={"image": pl.Int32, "name": pl.String, "label": pl.Int32,
                                         "condition": pl.Int32, "method": pl.String, "psnr": pl.Float64,
                                         "ssim": pl.Float64, "predicted": pl.Int32, "agrees": pl.Boolean,
-                                        "linf": pl.Float64, "l2": pl.Float64, "seconds": pl.Float64})
+                                        "linf": pl.Float64, "l2": pl.Float64, "seconds": pl.Float64,
+                                        "encoder_objective": pl.Float64, "diffusion_objective": pl.Float64,
+                                        "_reach": pl.Float64, "_drop": pl.Float64})
     fids = {m: (_fid(feats[m], feats["clean"]) if clf is not None and m != "clean" else None) for m in EDITED}
     metrics = (images.group_by("method", maintain_order=True)
                .agg(pl.len().cast(pl.Int32).alias("images"), pl.col("psnr").mean(), pl.col("ssim").mean(),
                     pl.col("agrees").cast(pl.Float64).mean().alias("agreement"), pl.col("linf").max(),
-                    pl.col("l2").mean(), pl.col("seconds").mean().alias("seconds_per_image"))
+                    pl.col("l2").mean(), pl.col("seconds").mean().alias("seconds_per_image"),
+                    pl.col("_reach").mean().alias("encoder_reach"), pl.col("_drop").mean().alias("diffusion_drop"))
                .with_columns(fid=pl.col("method").replace_strict(fids, return_dtype=pl.Float64))
-               .select("method", "images", "psnr", "ssim", "fid", "agreement", "linf", "l2", "seconds_per_image"))
+               .select("method", "images", "psnr", "ssim", "fid", "agreement", "linf", "l2", "seconds_per_image",
+                       "encoder_reach", "diffusion_drop"))
+    images = images.drop("_reach", "_drop")
     ordering = check_ordering(metrics)
     for name, df in (("photoguard_images", images), ("photoguard_metrics", metrics), ("photoguard_ordering", ordering)):
         store.save_table(exp, EDITS, f"{name}.parquet", df.select(pl.lit(exp).alias("experiment"), pl.all()))
     verdict = ordering_verdict(ordering)
+    verdict["attacks"] = attack_summary(metrics)
+    verdict["summary"] += "; " + verdict["attacks"]
     store.save_json(exp, EDITS, "ordering.json", verdict)
     plot_grid(versions, edits, masks, info["names"], store.path(exp, EDITS, "grid.png"))
     log(verdict["summary"])
@@ -620,6 +676,23 @@ def ordering_verdict(ordering: pl.DataFrame) -> dict:
                   f"held on {', '.join(held) or 'no metric'}; not on {', '.join(missed)} (there: {'; '.join(detail)})"))
     return {"held": held, "not_held": missed, "all_held": not missed and bool(held), "detail": detail,
             "summary": summary, "paper_unverified": PAPER}
+
+
+def attack_summary(metrics: pl.DataFrame) -> str:
+    """How far each attack got on its own objective, and how much the edit depends on the kept
+    region at all (the ``swap`` version), in one line."""
+    by = {r["method"]: r for r in metrics.iter_rows(named=True)}
+    parts = []
+    if "encoder" in by and by["encoder"]["encoder_reach"] is not None:
+        parts.append(f"the encoder attack moved the latent {100 * by['encoder']['encoder_reach']:.1f}% of the way "
+                     "to its target")
+    if "diffusion" in by and by["diffusion"]["diffusion_drop"] is not None:
+        parts.append(f"the diffusion attack lowered its objective by {100 * by['diffusion']['diffusion_drop']:.1f}%")
+    for m in ("swap", "reseed"):
+        if m in by and by[m]["psnr"] is not None:
+            what = "another image's kept region" if m == "swap" else "other noise"
+            parts.append(f"{what} puts the edit {by[m]['psnr']:.1f} dB from the clean edit")
+    return "; ".join(parts)
 
 
 def _show(img: torch.Tensor) -> np.ndarray:

@@ -126,13 +126,16 @@ def _photoguard_lines(conn, exp: str) -> list[str]:
     immunization, the paper's ordering per metric, and the models' quality."""
     if not _has(conn, "photoguard_metrics"):
         return []
-    rows = conn.execute("SELECT method, images, psnr, ssim, fid, agreement, linf, l2, seconds_per_image "
-                        "FROM photoguard_metrics WHERE experiment = ? ORDER BY CASE method WHEN 'clean' THEN 0 "
-                        "WHEN 'reseed' THEN 1 WHEN 'noise' THEN 2 WHEN 'encoder' THEN 3 ELSE 4 END", [exp]).fetchall()
+    rows = conn.execute("SELECT method, images, psnr, ssim, fid, agreement, linf, l2, seconds_per_image, "
+                        "encoder_reach, diffusion_drop FROM photoguard_metrics WHERE experiment = ? ORDER BY CASE "
+                        "method WHEN 'clean' THEN 0 WHEN 'reseed' THEN 1 WHEN 'swap' THEN 2 WHEN 'noise' THEN 3 "
+                        "WHEN 'encoder' THEN 4 ELSE 5 END", [exp]).fetchall()
     if not rows:
         return []
     out = [f"  photoguard ({rows[0][1]} images; edits against the edit of the clean image):"]
-    for method, _, psnr, ssim, fid, agree, linf, l2, secs in rows:
+    reach = {}
+    for method, _, psnr, ssim, fid, agree, linf, l2, secs, enc, dif in rows:
+        reach[method] = (enc, dif)
         line = (f"    {method:<9} PSNR {_fmt(psnr, 2)} dB, SSIM {_fmt(ssim)}, FID {_fmt(fid, 4)}, "
                 f"agreement {_fmt(agree)}")
         if secs is not None:
@@ -144,6 +147,10 @@ def _photoguard_lines(conn, exp: str) -> list[str]:
     out.append("    noise < encoder < diffusion (disruption): "
                + (f"held on {', '.join(held)}" if held else "held on no metric")
                + (f"; not on {', '.join(missed)}" if missed else ""))
+    enc, dif = reach.get("encoder", (None, None))[0], reach.get("diffusion", (None, None))[1]
+    if enc is not None and dif is not None:
+        out.append(f"    own objectives: the encoder attack moved the latent {100 * enc:.1f}% of the way to its target, "
+                   f"the diffusion attack lowered its objective {100 * dif:.1f}%")
     if _has(conn, "photoguard_models"):
         q = dict(((m, k), (v, c)) for m, k, v, c in conn.execute(
             "SELECT model, metric, value, chance FROM photoguard_models WHERE experiment = ?", [exp]).fetchall())

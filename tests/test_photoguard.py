@@ -93,6 +93,10 @@ def test_the_study_runs_into_the_warehouse(study):
                               "GROUP BY method").fetchall()
         metrics = {r[0]: r[1:] for r in conn.execute(
             "SELECT method, images, psnr, ssim, fid, agreement, seconds_per_image FROM photoguard_metrics").fetchall()}
+        reach = {r[0]: r[1:] for r in conn.execute(
+            "SELECT method, encoder_reach, diffusion_drop FROM photoguard_metrics").fetchall()}
+        objectives = conn.execute("SELECT method, count(encoder_objective), count(diffusion_objective), "
+                                  "min(encoder_objective) FROM photoguard_images GROUP BY method").fetchall()
         ordering = conn.execute("SELECT metric, direction, held FROM photoguard_ordering ORDER BY metric").fetchall()
     assert set(models) == {("vae", "reconstruction_psnr"), ("unet", "generation_agreement"),
                            ("unet", "inpaint_agreement"), ("classifier", "test_accuracy")}
@@ -100,12 +104,20 @@ def test_the_study_runs_into_the_warehouse(study):
     assert models["unet", "generation_agreement"][3] == pytest.approx(0.1)          # 10 digit classes
     assert models["classifier", "test_accuracy"][2] > 0.2
     by = {r[0]: r[1:] for r in images}
-    assert set(by) == {"clean", "reseed", "noise", "encoder", "diffusion"}
+    assert set(by) == {"clean", "reseed", "swap", "noise", "encoder", "diffusion"}
     for method, (n, distinct, own, linf, secs, psnr, agrees) in by.items():
         assert (n, distinct, own, agrees) == (3, 3, True, 3)                 # conditioned on each image's class
         assert secs == (3 if method in ("noise", "encoder", "diffusion") else 0)
         assert psnr == (0 if method == "clean" else 3)
     assert by["clean"][3] == 0 and by["reseed"][3] == 0 and 0 < by["encoder"][3] <= 0.06 + 1e-6
+    assert by["swap"][3] > 0.5                                           # another image's kept region
+    # each attack's own objective, on the same draws for every version: measured for the clean
+    # image and the immunizations only; the clean image is the zero of reach and drop
+    assert {m: tuple(c[:2]) for m, *c in objectives} == {"clean": (3, 3), "reseed": (0, 0), "swap": (0, 0), "noise": (3, 3),
+                                                   "encoder": (3, 3), "diffusion": (3, 3)}
+    assert all(c[2] > 0 for m, *c in objectives if m != "reseed" and m != "swap")
+    assert reach["clean"] == (0.0, 0.0) and reach["reseed"] == (None, None) and reach["swap"] == (None, None)
+    assert reach["encoder"][0] > max(reach["noise"][0], 0)               # the encoder attack moves its latent most
     assert metrics["clean"][1] is None and metrics["clean"][3] is None
     for m in ("noise", "encoder", "diffusion"):
         assert metrics[m][0] == 3 and metrics[m][1] > 0 and 0 < metrics[m][2] <= 1 and metrics[m][3] >= 0
@@ -148,8 +160,10 @@ def test_the_report_shows_the_study(study):
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
         lines = _photoguard_lines(conn, "pg")
         assert _photoguard_lines(conn, "other") == []
-    assert lines[0].startswith("  photoguard (3 images") and len(lines) == 1 + 5 + 2
-    assert "noise < encoder < diffusion" in lines[-2] and "VAE reconstruction" in lines[-1]
+    assert lines[0].startswith("  photoguard (3 images") and len(lines) == 1 + 6 + 3
+    assert [ln.split()[0] for ln in lines[1:7]] == ["clean", "reseed", "swap", "noise", "encoder", "diffusion"]
+    assert "noise < encoder < diffusion" in lines[-3] and "own objectives" in lines[-2]
+    assert "VAE reconstruction" in lines[-1]
 
 
 def test_a_checkpoint_on_disk_immunizes_the_users_images(tmp_path):
