@@ -5,6 +5,7 @@ diffusion attack, edited, and each edit compared with the edit of the clean imag
     python bench/photoguard.py                 # Fashion-MNIST 10k, 32x32, 16 images; about 25 minutes on 2 cores
     python bench/photoguard.py --factors ""    # the paper's budgets only
     python bench/photoguard.py --quick         # digits at 16x16, tiny budgets: about a minute (plumbing only)
+    python bench/photoguard.py --vae-channels 32,64,64 --factors 4   # a VAE that downsamples 4x (f = 4)
 
 Settings: the paper's budgets scaled to 32 px (encoder l_inf 0.06, diffusion l2 16 * 32/512 = 1,
 noise at the encoder's l_inf); then, on the same trained models (``photoguard.checkpoint`` pointing
@@ -183,13 +184,21 @@ def main() -> None:
     ap.add_argument("--factors", default="4,16",
                     help="budget factors run on the trained models after the paper's budgets, comma-separated "
                          "('' for none); the equal-l_inf diffusion settings run at 1 and the first factor")
+    ap.add_argument("--vae-channels", default="",
+                    help="the VAE's block widths, comma-separated (each block after the first halves the side: "
+                         "32,64,64 downsamples 4x); results go to photoguard-f<factor>.json")
     args = ap.parse_args()
     factors = [float(f) for f in args.factors.split(",") if f.strip()]
+    channels = [int(c) for c in args.vae_channels.split(",") if c.strip()]
     import torch
 
     from bench.results_file import write_results
 
     spec = json.loads(json.dumps(QUICK if args.quick else FULL))
+    tag = ""
+    if channels:
+        spec["photoguard"]["vae_channels"] = channels
+        tag = f"-f{2 ** (len(channels) - 1)}"
     threads = torch.get_num_threads()
     results, ratios, config = [], [], {"settings": {}, "torch_threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +218,7 @@ def main() -> None:
                 more += [(f"diffusion_linf_x{f:g}", scaled(spec, model, f, linf=True)) for f in (1.0, factors[0])]
                 settings += [(n, s_, Path(tmp) / f"s{k + 1}") for k, (n, s_) in enumerate(more)]
         summary(done)
-    write_results("photoguard", config, results, ratios, quick=args.quick)
+    write_results("photoguard", config, results, ratios, quick=args.quick, tag=tag)
 
 
 if __name__ == "__main__":
