@@ -2,7 +2,7 @@
 inpainting UNet trained here, images immunized by random noise, the encoder attack and the
 diffusion attack, edited, and each edit compared with the edit of the clean image.
 
-    python bench/photoguard.py                 # Fashion-MNIST 10k, 32x32, 16 images; about 25 minutes on 2 cores
+    python bench/photoguard.py                 # Fashion-MNIST 10k, 32x32, 16 images; about 30 minutes on 2 cores
     python bench/photoguard.py --factors ""    # the paper's budgets only
     python bench/photoguard.py --quick         # digits at 16x16, tiny budgets: about a minute (plumbing only)
     python bench/photoguard.py --vae-channels 32,64,64 --factors 4   # a VAE that downsamples 4x (f = 4)

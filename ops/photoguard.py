@@ -20,12 +20,15 @@ Three stages, numerics in kernels/photoguard.py:
     l_inf budget (the paper's baseline), the encoder attack and the diffusion attack.  Each is
     checked against its budget and the mask; seconds per image are recorded.
 ``photoguard_edits``
-    The clean image, the clean image under other noise (``reseed``: the editor's own spread), and
-    the three immunized versions inpainted with the same noise per image, pasted back into the
-    clean original outside the mask (PhotoGuard's ``recover_image``); each edit against the clean
-    image's edit: PSNR, SSIM, FID on the classifier's features, and the classifier's agreement with
-    the conditioning class.  The paper's ordering (noise < encoder < diffusion in how much the edit
-    is disrupted) is checked per metric; a grid image shows originals, immunized images and edits.
+    The clean image, the clean image under other noise (``reseed``: the editor's own spread), the
+    next image's kept region under this image's mask (``swap``: how much the edit depends on the
+    kept region at all), and the three immunized versions inpainted with the same noise per image,
+    pasted back into the clean original outside the mask (PhotoGuard's ``recover_image``); each
+    edit against the clean image's edit: PSNR, SSIM, FID on the classifier's features, and the
+    classifier's agreement with the conditioning class.  Both attacks' own objectives at every
+    version, on common noise (``encoder_reach``, ``diffusion_drop``).  The paper's ordering (noise <
+    encoder < diffusion in how much the edit is disrupted) is checked per metric; a grid image
+    shows originals, immunized images and edits.
 
 Nothing here knows Dagster (assets/photoguard.py).
 """
