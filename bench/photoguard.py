@@ -3,7 +3,8 @@ inpainting UNet trained here, images immunized by random noise, the encoder atta
 diffusion attack, edited, and each edit compared with the edit of the clean image.
 
     python bench/photoguard.py                 # Fashion-MNIST 10k, 32x32, 16 images; about 30 minutes on 2 cores
-    python bench/photoguard.py --factors ""    # the paper's budgets only
+    python bench/photoguard.py --factors ""    # the paper's budgets, and the diffusion attack at the encoder's l_inf
+    python bench/photoguard.py --seed 1 --factors "" --condition   # another seed; the class-guided diffusion attack
     python bench/photoguard.py --quick         # digits at 16x16, tiny budgets: about a minute (plumbing only)
     python bench/photoguard.py --vae-channels 32,64,64 --factors 4   # a VAE that downsamples 4x (f = 4)
 
@@ -11,7 +12,7 @@ Settings: the paper's budgets scaled to 32 px (encoder l_inf 0.06, diffusion l2 
 noise at the encoder's l_inf); then, on the same trained models (``photoguard.checkpoint`` pointing
 at the first run's), every budget and step times each of ``--factors`` (default 4 and 16), and the
 diffusion attack under the encoder's own l_inf budget (``linf``, step 0.006 as the original's
-``super_linf``) at times 1 and 4, so that the two attacks are compared at equal l_inf as well.
+``super_linf``) at times 1 and the first factor, so that the two attacks are compared at equal l_inf as well.
 Besides the edits, each setting reports how far each attack got on its own objective
 (``encoder_reach``: the share of the way to the target latent; ``diffusion_drop``: how much the
 diffusion objective fell, on common noise) and the ``swap`` reference (the edit of another
@@ -184,6 +185,10 @@ def main() -> None:
     ap.add_argument("--factors", default="4,16",
                     help="budget factors run on the trained models after the paper's budgets, comma-separated "
                          "('' for none); the equal-l_inf diffusion settings run at 1 and the first factor")
+    ap.add_argument("--seed", type=int, default=0, help="the study's seed (results go to photoguard-seed<N>.json)")
+    ap.add_argument("--condition", action="store_true",
+                    help="one more setting: the diffusion attack guided to the edit's class (diffusion.label: "
+                         "condition) at the paper's budgets")
     ap.add_argument("--vae-channels", default="",
                     help="the VAE's block widths, comma-separated (each block after the first halves the side: "
                          "32,64,64 downsamples 4x); results go to photoguard-f<factor>.json")
@@ -196,9 +201,12 @@ def main() -> None:
 
     spec = json.loads(json.dumps(QUICK if args.quick else FULL))
     tag = ""
+    if args.seed:
+        spec["seed"] = args.seed
+        tag += f"-seed{args.seed}"
     if channels:
         spec["photoguard"]["vae_channels"] = channels
-        tag = f"-f{2 ** (len(channels) - 1)}"
+        tag += f"-f{2 ** (len(channels) - 1)}"
     threads = torch.get_num_threads()
     results, ratios, config = [], [], {"settings": {}, "torch_threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,10 +220,14 @@ def main() -> None:
             done.append((name, out["photoguard_metrics"], out["photoguard_ordering"]))
             config["settings"][name] = {"spec": sp, "total_seconds": round(out["seconds"], 1),
                                         "stage_seconds": {k: round(v, 1) for k, v in out["steps"].items()}}
-            if i == 0 and factors:     # the same models, other budgets (nothing trained again)
+            if i == 0:     # the same models, other budgets (nothing trained again)
                 model = where / "home" / "artifacts" / "pg" / "photoguard_models" / "model"
                 more = [(f"budgets_x{f:g}", scaled(spec, model, f)) for f in factors]
-                more += [(f"diffusion_linf_x{f:g}", scaled(spec, model, f, linf=True)) for f in (1.0, factors[0])]
+                more += [(f"diffusion_linf_x{f:g}", scaled(spec, model, f, linf=True)) for f in [1.0, *factors[:1]]]
+                if args.condition:
+                    guided = scaled(spec, model, 1.0)
+                    guided["photoguard"]["diffusion"]["label"] = "condition"
+                    more.append(("diffusion_condition_x1", guided))
                 settings += [(n, s_, Path(tmp) / f"s{k + 1}") for k, (n, s_) in enumerate(more)]
         summary(done)
     write_results("photoguard", config, results, ratios, quick=args.quick, tag=tag)
