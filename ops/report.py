@@ -126,8 +126,10 @@ def _photoguard_lines(conn, exp: str) -> list[str]:
     immunization, the paper's ordering per metric, and the models' quality."""
     if not _has(conn, "photoguard_metrics"):
         return []
+    have = {r[0] for r in conn.execute("DESCRIBE photoguard_metrics").fetchall()}
+    extra = ", ".join(c if c in have else f"NULL AS {c}" for c in ("encoder_reach", "diffusion_drop"))
     rows = conn.execute("SELECT method, images, psnr, ssim, fid, agreement, linf, l2, seconds_per_image, "
-                        "encoder_reach, diffusion_drop FROM photoguard_metrics WHERE experiment = ? ORDER BY CASE "
+                        f"{extra} FROM photoguard_metrics WHERE experiment = ? ORDER BY CASE "
                         "method WHEN 'clean' THEN 0 WHEN 'reseed' THEN 1 WHEN 'swap' THEN 2 WHEN 'noise' THEN 3 "
                         "WHEN 'encoder' THEN 4 ELSE 5 END", [exp]).fetchall()
     if not rows:

@@ -143,15 +143,21 @@ def _transaction(conn):
         raise
 
 
+def ensure_table(conn, name: str, cols: str) -> None:
+    """Create ``name`` with ``cols`` (DDL columns) if missing, and add the columns a newer schema
+    has to a table an earlier version created."""
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+    have = {r[0] for r in conn.execute(f"DESCRIBE {name}").fetchall()}
+    for col in (c.strip() for c in cols.split(",")):
+        col_name, col_type = col.split(None, 1)
+        if col_name not in have:
+            conn.execute(f"ALTER TABLE {name} ADD COLUMN {col_name} {col_type}")
+
+
 def create_tables(conn) -> None:
     """Create missing tables, and add columns that a newer schema has to existing ones."""
     for name, cols in TABLES.items():
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-        have = {r[0] for r in conn.execute(f"DESCRIBE {name}").fetchall()}
-        for col in (c.strip() for c in cols.split(",")):
-            col_name, col_type = col.split(None, 1)
-            if col_name not in have:
-                conn.execute(f"ALTER TABLE {name} ADD COLUMN {col_name} {col_type}")
+        ensure_table(conn, name, cols)
 
 
 def load_experiment(conn, store: ArtifactStore, exp: str, spec) -> dict[str, int]:
@@ -220,7 +226,7 @@ def load_study_tables(conn, exp: str, schemas: dict[str, str], frames: dict) -> 
     rows for ``exp`` replaced by ``frames[name]``, in one transaction."""
     counts = {}
     for name, cols in schemas.items():
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        ensure_table(conn, name, cols)
     with _transaction(conn):
         for name, df in frames.items():
             conn.execute(f"DELETE FROM {name} WHERE experiment = ?", [exp])

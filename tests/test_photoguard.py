@@ -209,3 +209,30 @@ def test_a_checkpoint_on_disk_immunizes_the_users_images(tmp_path):
     assert x.shape == (3, 3, 16, 16) and 0 < np.abs(enc - x).max() <= 0.06 + 1e-6
     edits = _meta(result, "photoguard_edits")
     assert "data:image/png;base64," in edits["grid"].value
+
+
+def test_a_warehouse_from_before_the_objective_columns_takes_the_new_rows(study, tmp_path):
+    """photoguard_metrics as an earlier version created it (no encoder_reach, diffusion_drop): the
+    study's load adds the columns instead of failing, and the report reads the old rows."""
+    from ops.photoguard import EDITS, MODELS, TABLES
+    from ops.report import _photoguard_lines
+    from ops.store import ArtifactStore
+    from ops.warehouse import load_study_tables
+
+    _, home = study
+    store = ArtifactStore(home / "artifacts")
+    frames = {name: store.load_table("pg", MODELS if name == "photoguard_models" else EDITS, f"{name}.parquet")
+              for name in TABLES}
+    old = TABLES["photoguard_metrics"].replace(", encoder_reach DOUBLE,\n        diffusion_drop DOUBLE", "")
+    assert "encoder_reach" not in old and old != TABLES["photoguard_metrics"]
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        conn.execute(f"CREATE TABLE photoguard_metrics ({old})")
+        conn.execute(f"CREATE TABLE photoguard_ordering ({TABLES['photoguard_ordering']})")
+        conn.execute("INSERT INTO photoguard_metrics (experiment, method, images, psnr) VALUES ('earlier', 'noise', 2, 40)")
+        assert _photoguard_lines(conn, "earlier")[1].split()[:3] == ["noise", "PSNR", "40.00"]
+        counts = load_study_tables(conn, "pg", TABLES, frames)
+        assert counts["photoguard_metrics"] == 6
+        got = dict(conn.execute("SELECT method, encoder_reach FROM photoguard_metrics WHERE experiment = 'pg'").fetchall())
+        assert got["clean"] == 0.0 and got["encoder"] > 0
+        assert conn.execute("SELECT encoder_reach FROM photoguard_metrics WHERE experiment = 'earlier'").fetchall() == [(None,)]
+        assert any("own objectives" in ln for ln in _photoguard_lines(conn, "pg"))
