@@ -15,7 +15,24 @@ from pathlib import Path
 import numpy as np
 
 
-class NpyFile:
+class Closing:
+    """``close()`` on leaving a with-block and on garbage collection (for classes holding an OS
+    resource: a file descriptor here, a render server in kernels/render.py)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 — interpreter shutdown
+            pass
+
+
+class NpyFile(Closing):
     """A C-ordered .npy file addressed by rows of its first axis (or of its first two axes,
     flattened: ``rows(i, j0, j1)`` reads rows j0:j1 of sub-array i of a 3-d array)."""
 
@@ -105,14 +122,3 @@ class NpyFile:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 — interpreter shutdown
-            pass

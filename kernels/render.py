@@ -43,6 +43,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from kernels.npyio import Closing as _Closing
+
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 # ------------------------------------------------------------------ objects and textures
@@ -261,22 +263,6 @@ def egl_status() -> Optional[str]:
             _EGL_STATUS["status"] = f"no headless EGL rendering ({type(e).__name__}: {e}); needs " \
                                     "PYOPENGL_PLATFORM=egl, pyrender, and libegl1 libegl-mesa0 libgl1"
     return _EGL_STATUS["status"]
-
-
-class _Closing:
-    """close() on leaving a with-block and on garbage collection."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:   # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 class _EGLRenderer(_Closing):
